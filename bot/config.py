@@ -1,0 +1,230 @@
+"""Settings: one TOML file read once into frozen, typed dataclasses; secrets only from the environment.
+
+Every problem stops start-up with a `ConfigError` that names the file and the key, so an operator can fix it
+without reading a stack trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from bot.errors import ConfigError
+
+DISCORD_API_BASE = "https://discord.com/api/v10"
+
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+PromptFormatName = Literal["auto", "llama2", "template"]
+
+
+@dataclass(frozen=True)
+class DiscordSettings:
+    api_base: str = DISCORD_API_BASE
+    guild_ids: tuple[int, ...] = ()
+    token_env: str = "DISCORD_TOKEN"
+    allow_dms: bool = True
+    ping_author: bool = False
+    stream_edit_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "meta-llama/Llama-2-7b-chat-hf"
+    gguf_file: str | None = None
+    dtype: Dtype = "auto"
+    device_map: str = "auto"
+    context_length: int | None = None
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    prompt_format: PromptFormatName = "auto"
+    max_batch_size: int = 8
+    max_queue: int = 64
+    hf_token_env: str = "HF_TOKEN"
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    system_prompt: str = (
+        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
+        "while being safe."
+    )
+    max_message_chars: int = 4000
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = Path("data")
+
+
+@dataclass(frozen=True)
+class Settings:
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    source: Path | None = None
+
+    def secret(self, env_name: str) -> str | None:
+        """The value of a secret from the environment; secrets never live in the TOML."""
+        value = os.environ.get(env_name, "").strip()
+        return value or None
+
+    @property
+    def discord_token(self) -> str | None:
+        return self.secret(self.discord.token_env)
+
+    @property
+    def hf_token(self) -> str | None:
+        return self.secret(self.model.hf_token_env)
+
+
+_SECTIONS: dict[str, type] = {
+    "discord": DiscordSettings,
+    "model": ModelSettings,
+    "chat": ChatSettings,
+    "storage": StorageSettings,
+}
+
+# Keys that look like secrets are refused in the file itself: a token in a TOML ends up in backups.
+_SECRET_KEYS = frozenset({"token", "discord_token", "hf_token", "api_key"})
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Read and validate `path`; raise ConfigError naming the file and the key on any problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, "-", "file not found (copy config.example.toml to start)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
+    return settings_from_mapping(raw, source=path)
+
+
+def settings_from_mapping(raw: Mapping[str, Any], *, source: Path | str = "<config>") -> Settings:
+    """Validate an already parsed TOML document (tests and `load_settings` use it)."""
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(source, unknown[0], f"unknown section; expected one of {', '.join(_SECTIONS)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(source, name, "must be a table")
+        sections[name] = _build_section(cls, name, table, source)
+    storage = sections["storage"]
+    if not storage.data_dir.is_absolute() and isinstance(source, Path):
+        # Relative to the config file, so the bot finds its data whatever folder it is started from.
+        sections["storage"] = dataclasses.replace(storage, data_dir=source.parent / storage.data_dir)
+    settings = Settings(**sections, source=Path(source))
+    _check_values(settings, source)
+    return settings
+
+
+def require_secret(settings: Settings, env_key: str) -> str:
+    """The secret named by `[section] env_key`; a ConfigError naming that key when it is unset."""
+    section, _, name = env_key.partition(".")
+    env_name = getattr(getattr(settings, section), name)
+    value = settings.secret(env_name)
+    if value is None:
+        raise ConfigError(
+            settings.source or "<config>",
+            env_key,
+            f"environment variable {env_name} is not set (it holds a secret, never the file)",
+        )
+    return value
+
+
+def _build_section(cls: type, section: str, table: Mapping[str, Any], source: Path | str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        dotted = f"{section}.{key}"
+        if key in _SECRET_KEYS:
+            raise ConfigError(
+                source,
+                dotted,
+                "secrets are not read from the config file; set the environment "
+                "variable named by the *_env key instead",
+            )
+        if key not in names:
+            raise ConfigError(source, dotted, f"unknown key; known keys: {', '.join(sorted(names))}")
+        values[key] = _coerce(hints[key], value, source, dotted)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: Path | str, key: str) -> Any:
+    """Check `value` against the field's type; TOML has no null, so optional fields are simply left out."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(source, key, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"must be a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(source, key, "must be a non-empty path string")
+        return Path(value).expanduser()
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, key, f"must be a number, got {type(value).__name__}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"must be an integer, got {type(value).__name__}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"must be true or false, got {type(value).__name__}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(source, key, f"must be a string, got {type(value).__name__}")
+        return value
+    raise ConfigError(source, key, f"unsupported setting type {hint!r}")
+
+
+def _check_values(s: Settings, source: Path | str) -> None:
+    def require(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            raise ConfigError(source, key, problem)
+
+    m = s.model
+    require(bool(m.name.strip()), "model.name", "must not be empty")
+    require(m.context_length is None or m.context_length > 0, "model.context_length", "must be positive")
+    require(m.max_new_tokens > 0, "model.max_new_tokens", "must be positive")
+    require(
+        m.context_length is None or m.max_new_tokens < m.context_length,
+        "model.max_new_tokens",
+        "must be smaller than model.context_length",
+    )
+    require(m.temperature >= 0, "model.temperature", "must be >= 0 (0 means greedy)")
+    require(0 < m.top_p <= 1, "model.top_p", "must be in (0, 1]")
+    require(m.repetition_penalty > 0, "model.repetition_penalty", "must be positive")
+    require(m.max_batch_size > 0, "model.max_batch_size", "must be positive")
+    require(m.max_queue > 0, "model.max_queue", "must be positive")
+    require(bool(m.hf_token_env), "model.hf_token_env", "must name an environment variable")
+    d = s.discord
+    require(d.api_base.startswith(("http://", "https://")), "discord.api_base", "must be an http(s) URL")
+    require(bool(d.token_env), "discord.token_env", "must name an environment variable")
+    require(d.stream_edit_interval > 0, "discord.stream_edit_interval", "must be positive")
+    require(all(g > 0 for g in d.guild_ids), "discord.guild_ids", "must be positive Discord IDs")
+    require(s.chat.max_message_chars > 0, "chat.max_message_chars", "must be positive")

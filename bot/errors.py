@@ -1,0 +1,59 @@
+"""Typed errors of the core. Each one that can reach a user carries one clear sentence for them."""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """An error a user may see: `user_message` is the sentence the bot answers with."""
+
+    user_message = "Something went wrong; please try again."
+
+    def __init__(self, detail: str | None = None, *, user_message: str | None = None) -> None:
+        if user_message is not None:
+            self.user_message = user_message
+        super().__init__(detail or self.user_message)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+    def __init__(self, path: object, key: str, problem: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{self.path}: [{key}] {problem}")
+
+
+class PromptTooLongError(BotError):
+    """The newest message alone does not fit the model's context window."""
+
+    def __init__(self, message_tokens: int, limit_tokens: int) -> None:
+        self.message_tokens = message_tokens
+        self.limit_tokens = limit_tokens
+        super().__init__(
+            f"message of {message_tokens} tokens exceeds the limit of {limit_tokens}",
+            user_message=(
+                f"Your message is too long for the model: it is {message_tokens} tokens and the limit "
+                f"is {limit_tokens} tokens. Please shorten it."
+            ),
+        )
+
+
+class QueueFullError(BotError):
+    user_message = "I'm busy with other requests right now; please try again in a moment."
+
+
+class EngineDeadError(BotError):
+    user_message = "The model is not running right now; an operator has to restart it."
+
+
+class GenerationFailedError(BotError):
+    user_message = "The model failed while writing an answer; please try again."
+
+
+class StorageError(BotError):
+    user_message = "I could not save this conversation turn; the answer was not stored."
+
+
+class MessageRejectedError(BotError):
+    """The message cannot be a turn as it is (empty, too long in characters); nothing was sent to the model."""
