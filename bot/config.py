@@ -54,8 +54,7 @@ class ModelSettings:
 @dataclass(frozen=True)
 class ChatSettings:
     system_prompt: str = (
-        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
-        "while being safe."
+        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
     )
     max_message_chars: int = 4000
 

@@ -1,0 +1,191 @@
+"""One conversation turn, from a user's text to a stored answer; shared by Discord and the terminal chat.
+
+The flow: the place's current session → its history → prompt token IDs within the budget → the engine's stream
+→ the exchange appended to history. A turn holds its session's lock from start to end, so two messages that
+arrive at once in one session are answered one after the other, each seeing the one before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from bot.config import Settings
+from bot.engine import Engine, GenerationRequest, SamplingParams
+from bot.errors import BotError, MessageRejectedError
+from bot.history import HistoryStore
+from bot.prompt import Exchange, PromptFormat, build_prompt
+from bot.sessions import MessageStatus, Place, Session, StoredMessage, utc_now_iso
+
+log = logging.getLogger(__name__)
+
+TITLE_CHARS = 60
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    place: Place
+    author_id: int | None
+    text: str
+    message_id: int | None = None
+
+
+@dataclass
+class Turn:
+    """A turn in progress: the session it belongs to and the answer's text as it streams."""
+
+    session: Session
+    queued_ahead: int
+    _deltas: AsyncIterator[str]
+    answer: str = ""
+    finished: bool = field(default=False)
+
+    async def stream(self) -> AsyncIterator[str]:
+        async for delta in self._deltas:
+            self.answer += delta
+            yield delta
+        self.finished = True
+
+
+class ChatService:
+    """Sessions, prompts and the engine put together; knows nothing of Discord."""
+
+    def __init__(self, *, settings: Settings, store: HistoryStore, engine: Engine, prompt_format: PromptFormat) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.prompt_format = prompt_format
+        # Entries vanish when no coroutine holds the lock, so this stays as small as the places in use now.
+        self._place_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    async def current_session(self, place: Place, *, owner_id: int | None, title: str | None = None) -> Session:
+        """The place's current session, made on first use (or when the old file was broken and set aside)."""
+        lock = self._place_locks.setdefault(place.key, asyncio.Lock())
+        # Two first messages at once in a new place must land in one session, not make two.
+        async with lock:
+            session = await self.store.current(place)
+            if session is None:
+                session = await self.new_session(place, owner_id=owner_id, title=title)
+            return session
+
+    async def new_session(
+        self,
+        place: Place,
+        *,
+        owner_id: int | None,
+        title: str | None = None,
+        system_prompt: str | None = None,
+    ) -> Session:
+        prompt = self.settings.chat.system_prompt if system_prompt is None else system_prompt
+        return await self.store.create(
+            place, owner_id=owner_id, title=title or "New chat", system_prompt=prompt or None
+        )
+
+    def check_text(self, text: str) -> str:
+        text = text.strip()
+        if not text:
+            raise MessageRejectedError("empty message", user_message="Send me some text and I'll answer it.")
+        limit = self.settings.chat.max_message_chars
+        if len(text) > limit:
+            raise MessageRejectedError(
+                "message too long",
+                user_message=f"Your message is {len(text)} characters; the limit is {limit}. Please shorten it.",
+            )
+        return text
+
+    @asynccontextmanager
+    async def turn(self, request: TurnInput, *, session: Session | None = None) -> AsyncIterator[Turn]:
+        """Run one turn. Whatever happens inside, history ends consistent: the exchange, or the user's
+        message marked failed/cancelled (never a half-written answer)."""
+        text = self.check_text(request.text)
+        if session is None:
+            session = await self.current_session(request.place, owner_id=request.author_id)
+        async with self.store.session_lock(session.id):
+            # Re-read under the lock: a turn that finished while we waited is part of this prompt.
+            session = await self.store.get(session.id) or session
+            user_message = StoredMessage(
+                role="user",
+                content=text,
+                author_id=request.author_id,
+                created_at=utc_now_iso(),
+                discord_message_id=request.message_id,
+            )
+            deltas: AsyncGenerator[str, None] | None = None
+            try:
+                # Tokenizing a long history takes milliseconds: off the event loop.
+                token_ids = await asyncio.to_thread(self._prompt_ids, session, text)
+                queued_ahead = self.engine.waiting
+                deltas = self.engine.generate(
+                    GenerationRequest(
+                        prompt_ids=tuple(token_ids),
+                        sampling=SamplingParams.from_settings(self.settings.model),
+                        session_id=session.id,
+                    )
+                )
+                turn = Turn(session=session, queued_ahead=queued_ahead, _deltas=deltas)
+                yield turn
+            except BaseException as exc:
+                # Errors fail the turn; CancelledError and GeneratorExit (the caller went away) cancel it.
+                status: MessageStatus = "failed" if isinstance(exc, Exception) else "cancelled"
+                await self._record_unanswered(session, user_message, status, exc)
+                raise
+            finally:
+                if deltas is not None:
+                    # Takes the request out of the engine's batch if the stream was left early.
+                    await deltas.aclose()
+            if not turn.finished:
+                # The caller left the stream early (message deleted, shutdown): the turn has no answer.
+                await self._record_unanswered(session, user_message, "cancelled", None)
+                return
+            answer = StoredMessage(
+                role="assistant",
+                content=turn.answer.strip(),
+                author_id=None,
+                created_at=utc_now_iso(),
+            )
+            title = _title_from(text) if session.turns == 0 and session.title == "New chat" else None
+            turn.session = await self.store.append(session.id, [user_message, answer], title=title)
+
+    def _prompt_ids(self, session: Session, text: str) -> list[int]:
+        history = [Exchange(user=u, assistant=a) for u, a in session.exchanges()]
+        built = build_prompt(
+            self.prompt_format,
+            session.system_prompt,
+            history,
+            text,
+            context_length=self.engine.context_length,
+            max_new_tokens=self.settings.model.max_new_tokens,
+        )
+        if built.dropped_exchanges:
+            log.info(
+                "session %s: %d oldest exchanges left out of the prompt to fit the context window",
+                session.id,
+                built.dropped_exchanges,
+            )
+        return built.token_ids
+
+    async def _record_unanswered(
+        self, session: Session, message: StoredMessage, status: MessageStatus, exc: BaseException | None
+    ) -> None:
+        log.info("session %s: turn ended without an answer (%s: %r)", session.id, status, exc)
+        marked = StoredMessage(
+            role=message.role,
+            content=message.content,
+            author_id=message.author_id,
+            created_at=message.created_at,
+            discord_message_id=message.discord_message_id,
+            status=status,
+        )
+        try:
+            await self.store.append(session.id, [marked])
+        except BotError:
+            log.warning("session %s: could not record the unanswered turn", session.id, exc_info=True)
+
+
+def _title_from(text: str) -> str:
+    first_line = " ".join(text.split())
+    return first_line if len(first_line) <= TITLE_CHARS else first_line[: TITLE_CHARS - 1] + "…"

@@ -1,0 +1,115 @@
+"""The engine interface: token IDs in, a stream of text deltas out. Knows nothing of sessions or Discord."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from bot.config import ModelSettings
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens; temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must not be negative, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, not {self.repetition_penalty}")
+
+    @classmethod
+    def from_settings(cls, s: ModelSettings) -> SamplingParams:
+        return cls(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    # A hint for reusing a conversation's KV cache later; engines may ignore it.
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters of the work an engine has done since it started."""
+
+    batches: int = 0
+    requests: int = 0
+    largest_batch: int = 0
+
+
+class Engine(ABC):
+    """A model server shaped like vLLM's async engine: a request queue and one async stream per request."""
+
+    model_name: str
+    context_length: int
+    tokenizer: PreTrainedTokenizerBase
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model and start serving; raises whatever loading raised."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stop serving; open streams end with EngineDeadError."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Stream the answer's text deltas.
+
+        Raises QueueFullError at once when the queue is full, EngineDeadError when the engine is closed or its
+        worker died, GenerationFailedError when the model raised, PromptTooLongError when the prompt and
+        max_new_tokens do not fit the context. Leaving the stream early (break, task cancelled) drops the request.
+        """
+
+    @property
+    @abstractmethod
+    def waiting(self) -> int:
+        """Requests queued, not yet running."""
+
+    @property
+    @abstractmethod
+    def running(self) -> int:
+        """Requests being generated now."""
+
+    @property
+    @abstractmethod
+    def stats(self) -> EngineStats: ...

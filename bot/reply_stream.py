@@ -1,0 +1,85 @@
+"""Streams an answer into Discord: one reply edited as text arrives (at most about once a second), continued
+in new messages past Discord's 2,000-character limit, every message without pings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import discord
+
+from bot.discord_text import MESSAGE_LIMIT, no_pings, take_chunk
+
+log = logging.getLogger(__name__)
+
+EMPTY_ANSWER = "(The model gave an empty answer.)"
+
+
+class StreamingReply:
+    def __init__(
+        self,
+        source: discord.Message,
+        *,
+        edit_interval: float,
+        ping_author: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.edit_interval = edit_interval
+        self.allowed_mentions = no_pings(ping_author=ping_author)
+        self.clock = clock
+        self.messages: list[discord.Message] = []
+        # The part of the answer that belongs to the last message; earlier messages are final.
+        self.pending = ""
+        self._current: discord.Message | None = None
+        self._shown = ""
+        self._last_edit = float("-inf")
+
+    async def note(self, text: str) -> None:
+        """A short status line (e.g. the queue position) that the answer will replace."""
+        await self._show(text)
+
+    async def feed(self, delta: str) -> None:
+        self.pending += delta
+        while len(self.pending) > MESSAGE_LIMIT:
+            chunk, self.pending = take_chunk(self.pending)
+            await self._show(chunk)
+            self._current = None  # that message is full: the rest goes into a new one
+            self._shown = ""
+        if self.pending.strip() and self.clock() - self._last_edit >= self.edit_interval:
+            await self._show(self.pending)
+
+    async def finish(self) -> None:
+        text = self.pending.strip()
+        if not text and not self.messages:
+            text = EMPTY_ANSWER
+        if text:  # feed() keeps pending within one message
+            await self._show(text)
+
+    async def fail(self, sentence: str) -> None:
+        """Tell the user why there is no (complete) answer, in the reply itself when there is one."""
+        if self._current is not None and self.pending.strip():
+            await self._show(f"{self.pending.rstrip()}\n\n*{sentence}*"[-MESSAGE_LIMIT:])
+        elif self._current is not None:
+            await self._show(sentence)
+        else:
+            await self._send(sentence)
+
+    async def _show(self, text: str) -> None:
+        if text == self._shown:
+            return
+        if self._current is None:
+            await self._send(text)
+        else:
+            self._current = await self._current.edit(content=text, allowed_mentions=self.allowed_mentions)
+        self._shown = text
+        self._last_edit = self.clock()
+
+    async def _send(self, text: str) -> None:
+        # The first message replies to the user's; if theirs is gone by then, it is sent plain.
+        reference = None if self.messages else self.source.to_reference(fail_if_not_exists=False)
+        message = await self.source.channel.send(text, reference=reference, allowed_mentions=self.allowed_mentions)
+        self.messages.append(message)
+        self._current = message
+        self._shown = text

@@ -1,0 +1,445 @@
+"""Session records: where a conversation lives, its messages, and their JSON form. Data and rules only, no I/O."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+log = logging.getLogger(__name__)
+
+PlaceKind = Literal["channel", "thread", "dm", "console"]
+MessageStatus = Literal["ok", "failed", "cancelled"]
+Role = Literal["user", "assistant"]
+
+PLACE_KINDS: frozenset[str] = frozenset(get_args(PlaceKind))
+MESSAGE_STATUSES: frozenset[str] = frozenset(get_args(MessageStatus))
+ROLES: frozenset[str] = frozenset(get_args(Role))
+
+SESSION_FORMAT_VERSION = 1
+# (inode, size, mtime_ns) of a session file. Every atomic write makes a new inode, so a changed file shows.
+FileStamp = tuple[int, int, int]
+# 16 characters of base64url = 96 random bits; the pattern admits no '.', '/' or '\\', so an id is a safe file name.
+_SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
+
+
+def new_session_id() -> str:
+    """A fresh random session id: 96 bits from `secrets`, 16 characters of [A-Za-z0-9_-]."""
+    return secrets.token_urlsafe(12)
+
+
+def is_valid_session_id(s: object) -> bool:
+    """True only for strings shaped exactly like `new_session_id()` output."""
+    return isinstance(s, str) and _SESSION_ID_RE.fullmatch(s) is not None
+
+
+def utc_now_iso() -> str:
+    """Now, UTC, fixed-width ISO 8601 (so these strings also sort by time)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+# --- strict field readers for from_json: junk raises ValueError / TypeError / KeyError --------------------------
+
+
+def _mapping(d: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{what} must be a JSON object, not {type(d).__name__}")
+    return d
+
+
+def _opt_id(value: object, name: str) -> int | None:
+    # bool is an int subclass; true/false in a file is junk, not an id.
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer or null")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    return value
+
+
+def _str(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string")
+    return value
+
+
+def _opt_str(value: object, name: str) -> str | None:
+    return None if value is None else _str(value, name)
+
+
+def _timestamp(value: object, name: str) -> str:
+    text = _str(value, name)
+    try:
+        stamp = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not an ISO 8601 time: {text!r}") from exc
+    if stamp.tzinfo is None:
+        raise ValueError(f"{name} has no time zone: {text!r}")
+    return text
+
+
+def _choice(value: object, name: str, allowed: frozenset[str]) -> str:
+    text = _str(value, name)
+    if text not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, not {text!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a session lives. Which ids are set depends on the kind; the constructor enforces it."""
+
+    kind: PlaceKind
+    guild_id: int | None = None
+    channel_id: int | None = None  # for a thread: the thread's parent channel
+    thread_id: int | None = None
+    user_id: int | None = None  # the DM partner, or the console user
+
+    def __post_init__(self) -> None:
+        _choice(self.kind, "place.kind", PLACE_KINDS)
+        for name in ("guild_id", "channel_id", "thread_id", "user_id"):
+            _opt_id(getattr(self, name), f"place.{name}")
+        required = {
+            "channel": ("guild_id", "channel_id"),
+            "thread": ("guild_id", "channel_id", "thread_id"),
+            "dm": ("user_id",),
+            "console": ("user_id",),
+        }[self.kind]
+        for name in ("guild_id", "channel_id", "thread_id", "user_id"):
+            is_set = getattr(self, name) is not None
+            if is_set != (name in required):
+                state = "needs" if name in required else "must not have"
+                raise ValueError(f"a {self.kind} place {state} {name}")
+
+    @classmethod
+    def for_channel(cls, guild_id: int, channel_id: int) -> Place:
+        return cls("channel", guild_id=guild_id, channel_id=channel_id)
+
+    @classmethod
+    def for_thread(cls, guild_id: int, parent_id: int, thread_id: int) -> Place:
+        return cls("thread", guild_id=guild_id, channel_id=parent_id, thread_id=thread_id)
+
+    @classmethod
+    def for_dm(cls, user_id: int) -> Place:
+        return cls("dm", user_id=user_id)
+
+    @classmethod
+    def for_console(cls, user_id: int = 0) -> Place:
+        return cls("console", user_id=user_id)
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the place: "channel:G:C", "thread:G:T", "dm:U" or "console:U"."""
+        if self.kind == "channel":
+            return f"channel:{self.guild_id}:{self.channel_id}"
+        if self.kind == "thread":
+            return f"thread:{self.guild_id}:{self.thread_id}"
+        return f"{self.kind}:{self.user_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "guild_id": self.guild_id,
+            "channel_id": self.channel_id,
+            "thread_id": self.thread_id,
+            "user_id": self.user_id,
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> Place:
+        m = _mapping(d, "place")
+        return cls(
+            kind=_choice(m["kind"], "place.kind", PLACE_KINDS),  # type: ignore[arg-type]
+            guild_id=_opt_id(m.get("guild_id"), "place.guild_id"),
+            channel_id=_opt_id(m.get("channel_id"), "place.channel_id"),
+            thread_id=_opt_id(m.get("thread_id"), "place.thread_id"),
+            user_id=_opt_id(m.get("user_id"), "place.user_id"),
+        )
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message of a session. A user turn that got no answer is kept with status "failed"/"cancelled"."""
+
+    role: Role
+    content: str
+    author_id: int | None
+    created_at: str
+    discord_message_id: int | None = None
+    status: MessageStatus = "ok"
+
+    def __post_init__(self) -> None:
+        _choice(self.role, "message.role", ROLES)
+        _str(self.content, "message.content")
+        _opt_id(self.author_id, "message.author_id")
+        _timestamp(self.created_at, "message.created_at")
+        _opt_id(self.discord_message_id, "message.discord_message_id")
+        _choice(self.status, "message.status", MESSAGE_STATUSES)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "content": self.content,
+            "author_id": self.author_id,
+            "created_at": self.created_at,
+            "discord_message_id": self.discord_message_id,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> StoredMessage:
+        m = _mapping(d, "message")
+        return cls(
+            role=m["role"],
+            content=m["content"],
+            author_id=m.get("author_id"),
+            created_at=m["created_at"],
+            discord_message_id=m.get("discord_message_id"),
+            status=m.get("status", "ok"),
+        )
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What the index keeps of a session: enough to list it without reading its file."""
+
+    id: str
+    place: Place
+    owner_id: int | None
+    title: str
+    created_at: str
+    updated_at: str
+    turns: int
+
+    def __post_init__(self) -> None:
+        if not is_valid_session_id(self.id):
+            raise ValueError(f"invalid session id {self.id!r}")
+        if not isinstance(self.place, Place):
+            raise TypeError("summary.place must be a Place")
+        _opt_id(self.owner_id, "summary.owner_id")
+        _str(self.title, "summary.title")
+        _timestamp(self.created_at, "summary.created_at")
+        _timestamp(self.updated_at, "summary.updated_at")
+        if isinstance(self.turns, bool) or not isinstance(self.turns, int) or self.turns < 0:
+            raise ValueError("summary.turns must be a non-negative integer")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "place": self.place.to_json(),
+            "owner_id": self.owner_id,
+            "title": self.title,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "turns": self.turns,
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> SessionSummary:
+        m = _mapping(d, "summary")
+        return cls(
+            id=_str(m["id"], "summary.id"),
+            place=Place.from_json(m["place"]),
+            owner_id=m.get("owner_id"),
+            title=m["title"],
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+            turns=m["turns"],
+        )
+
+
+@dataclass(frozen=True)
+class Session:
+    """A conversation: its place, owner, optional system prompt, and messages in order."""
+
+    id: str
+    place: Place
+    owner_id: int | None
+    title: str
+    created_at: str
+    updated_at: str
+    system_prompt: str | None
+    messages: tuple[StoredMessage, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not is_valid_session_id(self.id):
+            raise ValueError(f"invalid session id {self.id!r}")
+        if not isinstance(self.place, Place):
+            raise TypeError("session.place must be a Place")
+        _opt_id(self.owner_id, "session.owner_id")
+        _str(self.title, "session.title")
+        _timestamp(self.created_at, "session.created_at")
+        _timestamp(self.updated_at, "session.updated_at")
+        _opt_str(self.system_prompt, "session.system_prompt")
+        if not isinstance(self.messages, tuple) or not all(isinstance(m, StoredMessage) for m in self.messages):
+            raise TypeError("session.messages must be a tuple of StoredMessage")
+
+    def exchanges(self) -> list[tuple[str, str]]:
+        """Finished (user, assistant) pairs, both with status ok, in order; unanswered turns are left out."""
+        pairs: list[tuple[str, str]] = []
+        pending: StoredMessage | None = None
+        for message in self.messages:
+            if message.role == "user":
+                pending = message if message.status == "ok" else None
+            else:
+                if pending is not None and message.status == "ok":
+                    pairs.append((pending.content, message.content))
+                pending = None
+        return pairs
+
+    @property
+    def turns(self) -> int:
+        """The number of user messages, answered or not."""
+        return sum(1 for m in self.messages if m.role == "user")
+
+    def with_messages(
+        self, messages: tuple[StoredMessage, ...], *, updated_at: str, title: str | None = None
+    ) -> Session:
+        return replace(
+            self,
+            messages=self.messages + messages,
+            updated_at=updated_at,
+            title=self.title if title is None else title,
+        )
+
+    def summary(self) -> SessionSummary:
+        return SessionSummary(
+            id=self.id,
+            place=self.place,
+            owner_id=self.owner_id,
+            title=self.title,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            turns=self.turns,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": SESSION_FORMAT_VERSION,
+            "id": self.id,
+            "place": self.place.to_json(),
+            "owner_id": self.owner_id,
+            "title": self.title,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "system_prompt": self.system_prompt,
+            "messages": [m.to_json() for m in self.messages],
+        }
+
+    @classmethod
+    def from_json(cls, d: object) -> Session:
+        m = _mapping(d, "session")
+        version = m["version"]
+        if version != SESSION_FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"unsupported session format version {version!r}")
+        raw_messages = m["messages"]
+        if not isinstance(raw_messages, list):
+            raise TypeError("session.messages must be a list")
+        return cls(
+            id=_str(m["id"], "session.id"),
+            place=Place.from_json(m["place"]),
+            owner_id=m.get("owner_id"),
+            title=m["title"],
+            created_at=m["created_at"],
+            updated_at=m["updated_at"],
+            system_prompt=m.get("system_prompt"),
+            messages=tuple(StoredMessage.from_json(x) for x in raw_messages),
+        )
+
+
+def recency(summary: SessionSummary) -> tuple[datetime, datetime, str]:
+    """Sort key, newest last: updated_at, then created_at, then id (parsed, so any ISO 8601 form sorts)."""
+    return (
+        datetime.fromisoformat(summary.updated_at),
+        datetime.fromisoformat(summary.created_at),
+        summary.id,
+    )
+
+
+class SessionIndex:
+    """The session index folded into memory: summaries, file stamps, and place key -> current session id.
+
+    Changes arrive as plain-dict records (put / bind / drop) so a log on disk and this fold share one format;
+    `records()` gives the shortest list of records that rebuilds the same state.
+    """
+
+    def __init__(self) -> None:
+        self.summaries: dict[str, SessionSummary] = {}
+        self.stamps: dict[str, FileStamp] = {}
+        self.current: dict[str, str] = {}  # place key -> session id
+
+    @staticmethod
+    def put(summary: SessionSummary, stamp: FileStamp) -> dict[str, Any]:
+        return {"op": "put", "session": summary.to_json(), "file": list(stamp)}
+
+    @staticmethod
+    def bind(place_key: str, session_id: str) -> dict[str, Any]:
+        return {"op": "bind", "place": place_key, "id": session_id}
+
+    @staticmethod
+    def drop(session_id: str) -> dict[str, Any]:
+        return {"op": "drop", "id": session_id}
+
+    def apply(self, record: object) -> None:
+        """Fold one record in; junk raises ValueError/TypeError/KeyError and changes nothing."""
+        if not isinstance(record, dict):
+            raise TypeError("index record must be an object")
+        op = record["op"]
+        if op == "put":
+            summary = SessionSummary.from_json(record["session"])
+            stamp = record["file"]
+            if not (isinstance(stamp, list) and len(stamp) == 3 and all(type(x) is int for x in stamp)):
+                raise ValueError("bad file stamp")
+            self.summaries[summary.id] = summary
+            self.stamps[summary.id] = (stamp[0], stamp[1], stamp[2])
+        elif op == "bind":
+            key, sid = record["place"], record["id"]
+            summary = self.summaries.get(sid) if isinstance(sid, str) else None
+            if summary is None or summary.place.key != key:
+                raise ValueError(f"binding of {key!r} to an unknown session {sid!r}")
+            self.current[key] = sid
+        elif op == "drop":
+            self.forget(record["id"])
+        else:
+            raise ValueError(f"unknown index op {op!r}")
+
+    def forget(self, session_id: str) -> None:
+        self.summaries.pop(session_id, None)
+        self.stamps.pop(session_id, None)
+        for key in [k for k, v in self.current.items() if v == session_id]:
+            del self.current[key]
+
+    def live_records(self) -> int:
+        return len(self.summaries) + len(self.current)
+
+    def records(self) -> list[dict[str, Any]]:
+        out = [self.put(s, self.stamps[sid]) for sid, s in self.summaries.items()]
+        out += [self.bind(key, sid) for key, sid in self.current.items()]
+        return out
+
+    def select(
+        self,
+        *,
+        guild_id: int | None = None,
+        place_keys: Collection[str] | None = None,
+        user_id: int | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> list[SessionSummary]:
+        """Summaries newest first; the filters AND together, and `user_id` matches the owner."""
+        keys = set(place_keys) if place_keys is not None else None
+        kind_set = set(kinds) if kinds is not None else None
+        found = [
+            s
+            for s in self.summaries.values()
+            if (guild_id is None or s.place.guild_id == guild_id)
+            and (keys is None or s.place.key in keys)
+            and (user_id is None or s.owner_id == user_id)
+            and (kind_set is None or s.place.kind in kind_set)
+        ]
+        found.sort(key=recency, reverse=True)
+        return found
