@@ -22,6 +22,7 @@ DISCORD_API_BASE = "https://discord.com/api/v10"
 
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 PromptFormatName = Literal["auto", "llama2", "template"]
+Backend = Literal["local", "openai"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class ModelSettings:
     max_batch_size: int = 8
     max_queue: int = 64
     hf_token_env: str = "HF_TOKEN"
+    backend: Backend = "local"
+    base_url: tuple[str, ...] = ()
+    api_key_env: str = "OPENAI_API_KEY"
+    tokenizer: str | None = None
+    request_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,8 @@ def _coerce(hint: Any, value: Any, source: Path | str, key: str) -> Any:
             raise ConfigError(source, key, f"must be one of {choices}, got {value!r}")
         return value
     if origin is tuple:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]  # one URL where a list of them is allowed
         if not isinstance(value, list):
             raise ConfigError(source, key, f"must be a list, got {type(value).__name__}")
         return tuple(_coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value))
@@ -221,6 +229,9 @@ def _check_values(s: Settings, source: Path | str) -> None:
     require(m.max_batch_size > 0, "model.max_batch_size", "must be positive")
     require(m.max_queue > 0, "model.max_queue", "must be positive")
     require(bool(m.hf_token_env), "model.hf_token_env", "must name an environment variable")
+    require(m.backend != "openai" or bool(m.base_url), "model.base_url", 'is required when backend = "openai"')
+    require(all(u.startswith(("http://", "https://")) for u in m.base_url), "model.base_url", "must be http(s) URLs")
+    require(m.request_timeout > 0, "model.request_timeout", "must be positive")
     d = s.discord
     require(d.api_base.startswith(("http://", "https://")), "discord.api_base", "must be an http(s) URL")
     require(bool(d.token_env), "discord.token_env", "must name an environment variable")

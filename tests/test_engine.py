@@ -1,0 +1,374 @@
+"""LocalEngine on a tiny random-weight LLaMA: streaming, batching, per-row stops, cancellation and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bot.config import ModelSettings
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams
+from bot.errors import EngineDeadError, GenerationFailedError, PromptTooLongError, QueueFullError
+
+PROMPTS = (
+    "Hello, how are you?",
+    "Tell me a long story about dragons and castles.",
+    "a",
+    "The capital of France is",
+)
+WAIT_S = 30.0
+
+
+def model_settings(model_dir: Path, **overrides: Any) -> ModelSettings:
+    return ModelSettings(name=str(model_dir), dtype="float32", device_map="cpu", **overrides)
+
+
+@pytest.fixture
+async def engine(tiny_llama_dir: Path) -> AsyncIterator[LocalEngine]:
+    async with LocalEngine(model_settings(tiny_llama_dir)) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir: Path) -> Callable[[tuple[int, ...], int], str]:
+    """Greedy text of one prompt run alone through model.generate, without the engine."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+    def run(prompt_ids: tuple[int, ...], max_new_tokens: int) -> str:
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        return tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_llama_dir: Path) -> list[tuple[int, ...]]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return [tuple(tokenizer(text).input_ids) for text in PROMPTS]
+
+
+def request(ids: tuple[int, ...], max_new_tokens: int = 12, **sampling: float) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=max_new_tokens, **sampling))
+
+
+async def collect(engine: LocalEngine, req: GenerationRequest) -> list[str]:
+    return [delta async for delta in engine.generate(req)]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for the worker thread to reach a state; the deadline only keeps a broken engine from hanging."""
+    async with asyncio.timeout(WAIT_S):
+        # The state lives on the worker thread, which has no asyncio.Event to set: poll it.
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+class Gate:
+    """A forward pre-hook that counts the model's forward calls and holds the worker on call `at`."""
+
+    def __init__(self, model: torch.nn.Module, at: int = 1) -> None:
+        self.calls = 0
+        self.at = at
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: object) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            self.entered.set()
+            self.opened.wait(WAIT_S)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, WAIT_S)
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def remove(self) -> None:
+        self.opened.set()
+        self._handle.remove()
+
+
+@contextlib.contextmanager
+def raising_hook(model: torch.nn.Module, error: BaseException, on_call: int) -> Iterator[None]:
+    calls = 0
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == on_call:
+            raise error
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+async def hold_worker(engine: LocalEngine) -> tuple[Gate, asyncio.Task[list[str]]]:
+    """Occupy the worker with a one-token request, so the requests that follow queue up behind it."""
+    gate = Gate(engine.model)
+    blocker = asyncio.create_task(collect(engine, request((1, 15043), max_new_tokens=1)))
+    await gate.wait_entered()
+    return gate, blocker
+
+
+def test_sampling_params_from_settings_and_validation() -> None:
+    settings = ModelSettings(max_new_tokens=64, temperature=0.5, top_p=0.8, repetition_penalty=1.1)
+    assert SamplingParams.from_settings(settings) == SamplingParams(64, 0.5, 0.8, 1.1)
+    assert SamplingParams(8).greedy
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(8, top_p=0.0)
+
+
+async def test_engine_reports_model_and_context(engine: LocalEngine, tiny_llama_dir: Path) -> None:
+    assert engine.model_name == str(tiny_llama_dir)
+    assert engine.context_length == 512  # the config's max_position_embeddings
+    assert engine.tokenizer.eos_token_id == 2
+    assert (engine.waiting, engine.running) == (0, 0)
+
+
+async def test_stream_equals_plain_greedy_generate(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    for ids in prompt_ids[:2]:
+        deltas = await collect(engine, request(ids, max_new_tokens=40))
+        assert len(deltas) > 5
+        assert "".join(deltas) == reference(ids, 40)
+        # A delta never ends inside a multi-byte character (the final flush excepted).
+        assert not any(d.endswith("\ufffd") for d in deltas[:-1])
+
+
+async def test_waiting_requests_run_as_one_batch_and_match_solo_runs(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    gate, blocker = await hold_worker(engine)
+    tasks = [asyncio.create_task(collect(engine, request(ids, max_new_tokens=16))) for ids in prompt_ids]
+    await until(lambda: engine.waiting == len(prompt_ids))
+    gate.remove()
+    results = await asyncio.gather(*tasks)
+    await blocker
+
+    # Prompts of different lengths were left-padded into one batch; each answer is what it gets alone.
+    for ids, deltas in zip(prompt_ids, results, strict=True):
+        assert "".join(deltas) == reference(ids, 16)
+    assert engine.stats.batches == 2
+    assert engine.stats.largest_batch == len(prompt_ids)
+    assert engine.stats.requests == len(prompt_ids) + 1
+
+
+async def test_rows_of_one_batch_stop_at_their_own_max_new_tokens(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    limits = (3, 25, 9, 14)
+    gate, blocker = await hold_worker(engine)
+    tasks = [
+        asyncio.create_task(collect(engine, request(ids, max_new_tokens=n)))
+        for ids, n in zip(prompt_ids, limits, strict=True)
+    ]
+    await until(lambda: engine.waiting == len(limits))
+    gate.remove()
+    results = await asyncio.gather(*tasks)
+    await blocker
+
+    assert engine.stats.largest_batch == len(limits)
+    for ids, n, deltas in zip(prompt_ids, limits, results, strict=True):
+        assert "".join(deltas) == reference(ids, n)
+    texts = ["".join(deltas) for deltas in results]
+    assert len(texts[0]) < len(texts[1])
+
+
+async def test_requests_with_other_sampling_run_in_their_own_batch(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    gate, blocker = await hold_worker(engine)
+    greedy_a = asyncio.create_task(collect(engine, request(prompt_ids[0])))
+    sampled = asyncio.create_task(collect(engine, request(prompt_ids[1], temperature=0.8, top_p=0.9)))
+    greedy_b = asyncio.create_task(collect(engine, request(prompt_ids[2])))
+    await until(lambda: engine.waiting == 3)
+    gate.remove()
+    a, s, b = await asyncio.gather(greedy_a, sampled, greedy_b)
+    await blocker
+
+    assert engine.stats.batches == 3  # blocker, the two greedy ones, the sampled one
+    assert engine.stats.largest_batch == 2
+    assert "".join(a) == reference(prompt_ids[0], 12)
+    assert "".join(b) == reference(prompt_ids[2], 12)
+    assert "".join(s)
+
+
+async def test_breaking_out_of_a_stream_drops_the_request(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    gate, blocker = await hold_worker(engine)
+    counter = Gate(engine.model, at=10)  # holds the batch mid-way until the first stream has left
+
+    async def read_two_then_leave() -> list[str]:
+        got: list[str] = []
+        async with contextlib.aclosing(engine.generate(request(prompt_ids[1], max_new_tokens=400))) as stream:
+            async for delta in stream:
+                got.append(delta)
+                if len(got) == 2:
+                    break
+        return got
+
+    leaver = asyncio.create_task(read_two_then_leave())
+    stayer = asyncio.create_task(collect(engine, request(prompt_ids[0], max_new_tokens=20)))
+    await until(lambda: engine.waiting == 2)
+    gate.remove()
+    await counter.wait_entered()
+    assert len(await leaver) == 2
+    counter.open()
+    assert "".join(await stayer) == reference(prompt_ids[0], 20)
+    await blocker
+    counter.remove()
+
+    # The batch ended with the stayer's 20th token instead of running to the leaver's 400.
+    assert counter.calls == 20
+    assert engine.stats.largest_batch == 2
+    assert (engine.waiting, engine.running) == (0, 0)
+
+
+async def test_cancelling_the_consumer_task_drops_the_request(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    gate, blocker = await hold_worker(engine)
+    counter = Gate(engine.model, at=10)
+    first_delta = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(request(prompt_ids[1], max_new_tokens=400)):
+            first_delta.set()
+
+    victim = asyncio.create_task(consume())
+    other = asyncio.create_task(collect(engine, request(prompt_ids[2], max_new_tokens=20)))
+    await until(lambda: engine.waiting == 2)
+    gate.remove()
+    await counter.wait_entered()
+    await first_delta.wait()
+    victim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await victim
+    counter.open()
+    assert "".join(await other) == reference(prompt_ids[2], 20)
+    await blocker
+    counter.remove()
+    assert counter.calls == 20
+
+
+async def test_cancelling_a_waiting_request_removes_it_from_the_queue(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]]
+) -> None:
+    gate, blocker = await hold_worker(engine)
+    waiter = asyncio.create_task(collect(engine, request(prompt_ids[0])))
+    await until(lambda: engine.waiting == 1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert engine.waiting == 0
+    gate.remove()
+    await blocker
+    assert engine.stats.batches == 1
+
+
+async def test_full_queue_refuses_at_once(
+    tiny_llama_dir: Path, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    async with LocalEngine(model_settings(tiny_llama_dir, max_queue=2)) as engine:
+        gate, blocker = await hold_worker(engine)
+        queued = [asyncio.create_task(collect(engine, request(ids))) for ids in prompt_ids[:2]]
+        await until(lambda: engine.waiting == 2)
+        with pytest.raises(QueueFullError):
+            await anext(engine.generate(request(prompt_ids[2])))
+        assert engine.waiting == 2
+        gate.remove()
+        results = await asyncio.gather(*queued)
+        await blocker
+        assert ["".join(r) for r in results] == [reference(ids, 12) for ids in prompt_ids[:2]]
+
+
+async def test_prompt_too_long_is_refused_before_the_worker(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    too_long = (1,) + (15043,) * (512 - 100)
+    with pytest.raises(PromptTooLongError) as info:
+        await collect(engine, request(too_long, max_new_tokens=100))
+    assert (info.value.message_tokens, info.value.limit_tokens) == (len(too_long), 412)
+    with pytest.raises(ValueError, match="vocabulary"):
+        await collect(engine, request((1, 32000)))
+    assert "".join(await collect(engine, request(prompt_ids[0]))) == reference(prompt_ids[0], 12)
+
+
+async def test_model_error_fails_the_batch_and_the_engine_keeps_serving(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    got: list[str] = []
+    boom = RuntimeError("boom on step 5")
+    with raising_hook(engine.model, boom, on_call=5), pytest.raises(GenerationFailedError) as info:
+        async for delta in engine.generate(request(prompt_ids[0], max_new_tokens=30)):
+            got.append(delta)
+    assert info.value.__cause__ is boom
+    assert got  # the first four tokens had been streamed
+    assert "".join(await collect(engine, request(prompt_ids[0]))) == reference(prompt_ids[0], 12)
+
+
+class WorkerKilled(BaseException):
+    """Stands in for what no batch handler catches (KeyboardInterrupt, SystemExit)."""
+
+
+async def test_dead_worker_fails_open_and_future_streams(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]]
+) -> None:
+    with raising_hook(engine.model, WorkerKilled(), on_call=3), pytest.raises(EngineDeadError, match="died"):
+        await collect(engine, request(prompt_ids[0], max_new_tokens=30))
+    with pytest.raises(EngineDeadError):
+        await collect(engine, request(prompt_ids[0]))
+
+
+async def test_close_fails_running_and_waiting_streams(engine: LocalEngine, prompt_ids: list[tuple[int, ...]]) -> None:
+    gate = Gate(engine.model, at=3)
+    running = asyncio.create_task(collect(engine, request(prompt_ids[0], max_new_tokens=100)))
+    await gate.wait_entered()
+    waiting = asyncio.create_task(collect(engine, request(prompt_ids[1])))
+    await until(lambda: engine.waiting == 1)
+    closing = asyncio.create_task(engine.close())
+    await asyncio.sleep(0)  # let close() mark the engine as closing before the worker moves on
+    gate.remove()
+    await closing
+    for task in (running, waiting):
+        with pytest.raises(EngineDeadError):
+            await task
+    with pytest.raises(EngineDeadError, match="closed"):
+        await collect(engine, request(prompt_ids[0]))
+
+
+async def test_generate_after_close_raises_engine_dead(engine: LocalEngine, prompt_ids: list[tuple[int, ...]]) -> None:
+    assert await collect(engine, request(prompt_ids[0], max_new_tokens=2))
+    await engine.close()
+    with pytest.raises(EngineDeadError):
+        await collect(engine, request(prompt_ids[0]))
+
+
+async def test_engine_not_started_raises_engine_dead(tiny_llama_dir: Path) -> None:
+    engine = LocalEngine(model_settings(tiny_llama_dir))
+    with pytest.raises(EngineDeadError, match="not started"):
+        await collect(engine, request((1, 2, 3)))
+
+
+async def test_start_raises_what_loading_raised(tmp_path: Path) -> None:
+    engine = LocalEngine(model_settings(tmp_path / "missing"))
+    with pytest.raises(OSError):
+        await engine.start()
+    await engine.close()
