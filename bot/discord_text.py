@@ -13,6 +13,7 @@ FENCE = "```"
 _BOUNDARIES = (re.compile(r"\n\n"), re.compile(r"\n"), re.compile(r"[.!?。！？](?=\s)"), re.compile(r"\s"))
 # A split point must leave at least this much of the limit used, or a cut mid-word reads better.
 _MIN_FILL = 0.5
+_FENCE_RE = re.compile(r"```([\w+#.-]*)(\n?)")
 _MENTION = re.compile(r"<@!?(\d+)> ?")
 # A fence's language tag is kept short when reopened, so a split always makes progress.
 _MAX_FENCE_LINE = 24
@@ -29,12 +30,17 @@ def strip_mentions_of(text: str, user_id: int) -> str:
 
 
 def open_fence(text: str) -> str | None:
-    """The opening line of the code fence still open at the end of `text` (e.g. "```py"), or None."""
+    """The opening of the code block still open at the end of `text` (e.g. "```py"), or None.
+
+    Discord toggles a code block at every ``` (not only at the start of a line); an opening fence's language
+    is the word right after it when a newline follows."""
     opening: str | None = None
-    for line in text.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith(FENCE):
-            opening = None if opening is not None else stripped[:_MAX_FENCE_LINE]
+    for match in _FENCE_RE.finditer(text):
+        if opening is not None:
+            opening = None
+        else:
+            language = match.group(1) if match.group(2) else ""
+            opening = (FENCE + language)[:_MAX_FENCE_LINE]
     return opening
 
 
