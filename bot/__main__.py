@@ -47,10 +47,19 @@ async def run_import(settings: Settings, file: Path) -> None:
 
 
 async def run_bot(settings: Settings) -> None:
+    import discord
+
     from bot.client import run_discord_bot
 
     token = require_secret(settings, "discord.token_env")
-    await run_discord_bot(settings, token=token)
+    try:
+        await run_discord_bot(settings, token=token)
+    except discord.LoginFailure:
+        raise ConfigError(
+            settings.source or "<config>",
+            "discord.token_env",
+            f"Discord rejected the token in {settings.discord.token_env}",
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

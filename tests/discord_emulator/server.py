@@ -47,11 +47,12 @@ class DiscordEmulator:
         bot_name: str = "llama-bot",
         shard_count: int = 1,
         strict: bool = True,
+        port: int = 0,
     ) -> None:
         self.token = token
         self.shard_count = shard_count
         self.strict = strict
-        self.port = 0
+        self.port = port
         self.store = Store(bot_name=bot_name, base_url="")
         self.gateway = Gateway(self.store, token=token, url=lambda: self.gateway_url, on_change=self._notify)
         self._rest = RestApi(self.store, self.gateway, shard_count=shard_count, gateway_url=lambda: self.gateway_url)
@@ -68,7 +69,8 @@ class DiscordEmulator:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         app.add_routes([web.get("/gateway", self.gateway.handle), *self._rest.routes(), *self._interactions.routes()])
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
         self.store.base_url = self.url
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
