@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from bot.config import Settings
-from bot.engine import Engine, GenerationRequest, SamplingParams
-from bot.errors import BotError, MessageRejectedError
+from bot.engine import ChatMessage, Engine, GenerationRequest, SamplingParams
+from bot.errors import BotError, MessageRejectedError, PromptTooLongError
 from bot.history import HistoryStore
 from bot.prompt import Exchange, PromptFormat, build_prompt
 from bot.sessions import MessageStatus, Place, Session, StoredMessage, utc_now_iso
@@ -24,6 +24,8 @@ from bot.sessions import MessageStatus, Place, Session, StoredMessage, utc_now_i
 log = logging.getLogger(__name__)
 
 TITLE_CHARS = 60
+# Without a tokenizer the budget is guessed from characters; 3 per token errs on the short side for most text.
+CHARS_PER_TOKEN_GUESS = 3
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,13 @@ class Turn:
 class ChatService:
     """Sessions, prompts and the engine put together; knows nothing of Discord."""
 
-    def __init__(self, *, settings: Settings, store: HistoryStore, engine: Engine, prompt_format: PromptFormat) -> None:
+    def __init__(
+        self, *, settings: Settings, store: HistoryStore, engine: Engine, prompt_format: PromptFormat | None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
+        # None when the engine has no tokenizer (a remote server): prompts then go as messages alone.
         self.prompt_format = prompt_format
         # Entries vanish when no coroutine holds the lock, so this stays as small as the places in use now.
         self._place_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -85,23 +90,22 @@ class ChatService:
             place, owner_id=owner_id, title=title or "New chat", system_prompt=prompt or None
         )
 
-    def check_text(self, text: str) -> str:
-        text = text.strip()
-        if not text:
-            raise MessageRejectedError("empty message", user_message="Send me some text and I'll answer it.")
+    def check_length(self, text: str) -> None:
         limit = self.settings.chat.max_message_chars
         if len(text) > limit:
             raise MessageRejectedError(
                 "message too long",
                 user_message=f"Your message is {len(text)} characters; the limit is {limit}. Please shorten it.",
             )
-        return text
 
     @asynccontextmanager
     async def turn(self, request: TurnInput, *, session: Session | None = None) -> AsyncIterator[Turn]:
         """Run one turn. Whatever happens inside, history ends consistent: the exchange, or the user's
         message marked failed/cancelled (never a half-written answer)."""
-        text = self.check_text(request.text)
+        text = request.text.strip()
+        if not text:
+            # Nothing to keep: an empty message (or only a mention) is not a turn at all.
+            raise MessageRejectedError("empty message", user_message="Send me some text and I'll answer it.")
         if session is None:
             session = await self.current_session(request.place, owner_id=request.author_id)
         async with self.store.session_lock(session.id):
@@ -116,14 +120,17 @@ class ChatService:
             )
             deltas: AsyncGenerator[str, None] | None = None
             try:
+                # Too long is checked here, not earlier, so the refused text is kept (marked failed), not lost.
+                self.check_length(text)
                 # Tokenizing a long history takes milliseconds: off the event loop.
-                token_ids = await asyncio.to_thread(self._prompt_ids, session, text)
+                token_ids, messages = await asyncio.to_thread(self._prompt, session, text)
                 queued_ahead = self.engine.waiting
                 deltas = self.engine.generate(
                     GenerationRequest(
                         prompt_ids=tuple(token_ids),
                         sampling=SamplingParams.from_settings(self.settings.model),
                         session_id=session.id,
+                        messages=messages,
                     )
                 )
                 turn = Turn(session=session, queued_ahead=queued_ahead, _deltas=deltas)
@@ -151,7 +158,14 @@ class ChatService:
             turn.session = await self.store.append(session.id, [user_message, answer], title=title)
 
     def _prompt_ids(self, session: Session, text: str) -> list[int]:
+        return self._prompt(session, text)[0]
+
+    def _prompt(self, session: Session, text: str) -> tuple[list[int], tuple[ChatMessage, ...]]:
+        """The prompt's token IDs and the same conversation as messages (for servers that template it)."""
         history = [Exchange(user=u, assistant=a) for u, a in session.exchanges()]
+        if self.prompt_format is None:
+            kept = self._fit_by_chars(session.system_prompt, history, text)
+            return [], _messages(session.system_prompt, kept, text)
         built = build_prompt(
             self.prompt_format,
             session.system_prompt,
@@ -166,7 +180,27 @@ class ChatService:
                 session.id,
                 built.dropped_exchanges,
             )
-        return built.token_ids
+        kept = history[built.dropped_exchanges :]
+        return built.token_ids, _messages(session.system_prompt, kept, text)
+
+    def _fit_by_chars(self, system_prompt: str | None, history: list[Exchange], text: str) -> list[Exchange]:
+        """The newest exchanges whose guessed token count fits the budget (no tokenizer to count with)."""
+        budget = self.engine.context_length - self.settings.model.max_new_tokens
+
+        def guess(chars: int) -> int:
+            return -(-chars // CHARS_PER_TOKEN_GUESS)
+
+        used = guess(len(system_prompt or "") + len(text))
+        if used > budget:
+            raise PromptTooLongError(guess(len(text)), max(0, budget - guess(len(system_prompt or ""))))
+        keep = len(history)
+        while keep > 0:
+            cost = guess(len(history[keep - 1].user) + len(history[keep - 1].assistant))
+            if used + cost > budget:
+                break
+            used += cost
+            keep -= 1
+        return history[keep:]
 
     async def _record_unanswered(
         self, session: Session, message: StoredMessage, status: MessageStatus, exc: BaseException | None
@@ -184,6 +218,14 @@ class ChatService:
             await self.store.append(session.id, [marked])
         except BotError:
             log.warning("session %s: could not record the unanswered turn", session.id, exc_info=True)
+
+
+def _messages(system_prompt: str | None, history: list[Exchange], text: str) -> tuple[ChatMessage, ...]:
+    messages = [ChatMessage("system", system_prompt)] if system_prompt else []
+    for exchange in history:
+        messages += [ChatMessage("user", exchange.user), ChatMessage("assistant", exchange.assistant)]
+    messages.append(ChatMessage("user", text))
+    return tuple(messages)
 
 
 def _title_from(text: str) -> str:

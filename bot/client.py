@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import discord
 from discord.ext import commands
@@ -25,6 +28,12 @@ def chat_intents() -> discord.Intents:
     intents.dm_messages = True
     intents.message_content = True
     return intents
+
+
+@runtime_checkable
+class Drainable(Protocol):
+    async def drain(self, grace: float) -> None:
+        """Stop taking new work; finish what runs within `grace` seconds, then cancel the rest."""
 
 
 class ChatBot(commands.AutoShardedBot):
@@ -63,6 +72,14 @@ class ChatBot(commands.AutoShardedBot):
             synced = await self.tree.sync()
             log.info("synced %d app commands globally (may take a while to show)", len(synced))
 
+    async def close(self) -> None:
+        # Let cogs finish (or stop and explain) the answers they are writing while Discord is still reachable.
+        grace = self.settings.discord.shutdown_grace
+        drains = [cog.drain(grace) for cog in self.cogs.values() if isinstance(cog, Drainable)]
+        if drains:
+            await asyncio.gather(*drains, return_exceptions=True)
+        await super().close()
+
     async def on_message(self, message: discord.Message) -> None:
         # The chat cog owns messages; the default would try to run prefix commands on every mention.
         return
@@ -77,7 +94,57 @@ def use_api_base(api_base: str) -> None:
     discord.http.Route.BASE = api_base.rstrip("/")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_requested_by_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop` instead of raising KeyboardInterrupt or killing the process at once."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            log.info("%s: already stopping", signum.name)
+            return
+        log.info("%s: stopping; no new turns, running answers get the shutdown grace period", signum.name)
+        stop.set()
+
+    try:
+        for signum in STOP_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, on_signal, signum)
+            except (NotImplementedError, RuntimeError):
+                # Windows, or not the main thread: the default handlers stay (Ctrl-C still stops the bot).
+                continue
+            installed.append(signum)
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
+
+
+async def serve_until_stopped(bot: ChatBot, token: str, stop: asyncio.Event) -> None:
+    """Run the bot until it ends by itself or `stop` is set; then close it gracefully (see ChatBot.close)."""
+    runner = asyncio.create_task(bot.start(token), name="discord-bot")
+    stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not runner.done():
+        await bot.close()
+    await runner
+
+
 async def run_discord_bot(settings: Settings, *, token: str) -> None:
     use_api_base(settings.discord.api_base)
-    async with open_core(settings) as core, ChatBot(settings=settings, core=core) as bot:
-        await bot.start(token)
+    stop = asyncio.Event()
+    # Installed before the model loads, so a stop during a long load is graceful too.
+    with stop_requested_by_signals(stop):
+        async with open_core(settings) as core, ChatBot(settings=settings, core=core) as bot:
+            if stop.is_set():
+                log.info("stopped before connecting to Discord")
+                return
+            await serve_until_stopped(bot, token, stop)
+        log.info("stopped: history flushed, gateway closed")

@@ -33,6 +33,12 @@ class DiscordSettings:
     allow_dms: bool = True
     ping_author: bool = False
     stream_edit_interval: float = 1.0
+    shutdown_grace: float = 10.0
+    allowed_guild_ids: tuple[int, ...] = ()
+    allowed_channel_ids: tuple[int, ...] = ()
+    allowed_role_ids: tuple[int, ...] = ()
+    blocked_user_ids: tuple[int, ...] = ()
+    newchat_system_prompt_role_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class ModelSettings:
     repetition_penalty: float = 1.0
     prompt_format: PromptFormatName = "auto"
     max_batch_size: int = 8
+    max_batch_tokens: int = 4096
+    kv_cache_budget_mb: int = 1024
     max_queue: int = 64
     hf_token_env: str = "HF_TOKEN"
     backend: Backend = "local"
@@ -63,6 +71,7 @@ class ChatSettings:
         "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
     )
     max_message_chars: int = 4000
+    rate_limit_per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,15 @@ _SECTIONS: dict[str, type] = {
     "chat": ChatSettings,
     "storage": StorageSettings,
 }
+
+# The [discord] lists of IDs that say who may use the bot where (bot/admission.py reads them).
+ACCESS_LISTS = (
+    "allowed_guild_ids",
+    "allowed_channel_ids",
+    "allowed_role_ids",
+    "blocked_user_ids",
+    "newchat_system_prompt_role_ids",
+)
 
 # Keys that look like secrets are refused in the file itself: a token in a TOML ends up in backups.
 _SECRET_KEYS = frozenset({"token", "discord_token", "hf_token", "api_key"})
@@ -227,6 +245,8 @@ def _check_values(s: Settings, source: Path | str) -> None:
     require(0 < m.top_p <= 1, "model.top_p", "must be in (0, 1]")
     require(m.repetition_penalty > 0, "model.repetition_penalty", "must be positive")
     require(m.max_batch_size > 0, "model.max_batch_size", "must be positive")
+    require(m.max_batch_tokens > 0, "model.max_batch_tokens", "must be positive")
+    require(m.kv_cache_budget_mb >= 0, "model.kv_cache_budget_mb", "must be >= 0 (0 turns KV reuse off)")
     require(m.max_queue > 0, "model.max_queue", "must be positive")
     require(bool(m.hf_token_env), "model.hf_token_env", "must name an environment variable")
     require(m.backend != "openai" or bool(m.base_url), "model.base_url", 'is required when backend = "openai"')
@@ -236,5 +256,9 @@ def _check_values(s: Settings, source: Path | str) -> None:
     require(d.api_base.startswith(("http://", "https://")), "discord.api_base", "must be an http(s) URL")
     require(bool(d.token_env), "discord.token_env", "must name an environment variable")
     require(d.stream_edit_interval > 0, "discord.stream_edit_interval", "must be positive")
+    require(d.shutdown_grace >= 0, "discord.shutdown_grace", "must not be negative")
     require(all(g > 0 for g in d.guild_ids), "discord.guild_ids", "must be positive Discord IDs")
+    for key in ACCESS_LISTS:
+        require(all(i > 0 for i in getattr(d, key)), f"discord.{key}", "must be positive Discord IDs")
     require(s.chat.max_message_chars > 0, "chat.max_message_chars", "must be positive")
+    require(s.chat.rate_limit_per_minute >= 0, "chat.rate_limit_per_minute", "must be >= 0 (0 turns the limit off)")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bot.chat import ChatService
 from bot.config import Settings
-from bot.engine import Engine, LocalEngine
+from bot.engine import Engine, LocalEngine, RemoteEngine
 from bot.history import HistoryStore
 from bot.prompt import select_format
 
@@ -26,10 +26,25 @@ class Core:
 
 @asynccontextmanager
 async def open_core(settings: Settings, *, engine: Engine | None = None) -> AsyncIterator[Core]:
-    """Open the history store and start the engine (a LocalEngine from settings unless one is given)."""
-    engine = engine or LocalEngine(settings.model, hf_token=settings.hf_token)
+    """Open the history store and start the engine (built from settings unless one is given)."""
+    engine = engine or build_engine(settings)
     async with HistoryStore(settings.storage.data_dir) as store, engine:
-        prompt_format = select_format(engine.tokenizer, settings.model.name, settings.model.prompt_format)
-        log.info("prompt format: %s", type(prompt_format).__name__)
+        prompt_format = None
+        if engine.tokenizer is not None:
+            prompt_format = select_format(engine.tokenizer, settings.model.name, settings.model.prompt_format)
+        log.info("prompt format: %s", type(prompt_format).__name__ if prompt_format else "messages to the server")
         chat = ChatService(settings=settings, store=store, engine=engine, prompt_format=prompt_format)
         yield Core(settings=settings, store=store, engine=engine, chat=chat)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine `[model] backend` asks for: the model in this process, or an OpenAI-compatible server."""
+    m = settings.model
+    if m.backend == "openai":
+        return RemoteEngine(
+            m,
+            api_key=settings.secret(m.api_key_env),
+            hf_token=settings.hf_token,
+            config_source=settings.source or "<config>",
+        )
+    return LocalEngine(m, hf_token=settings.hf_token)

@@ -91,7 +91,13 @@ def _with_system(system_prompt: str | None, user: str) -> str:
 
 
 class ChatTemplateFormat:
-    """Any model with a chat template: `tokenizer.apply_chat_template(..., add_generation_prompt=True)`."""
+    """Any model with a chat template: `tokenizer.apply_chat_template(..., add_generation_prompt=True)`.
+
+    Control tokens typed in a message (ChatML's `<|im_start|>`, `</s>`, any special token) are encoded as plain
+    text, so only the template's own ones are tokens: a message can't open a turn, a system prompt or end the
+    prompt. transformers' `sanitize_control_tokens` does it: it marks the typed ones before rendering and encodes
+    them without matching added tokens; a message without any gets the same IDs as the plain template.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         if not tokenizer.chat_template:
@@ -108,7 +114,7 @@ class ChatTemplateFormat:
         messages.append({"role": "user", "content": user_message})
         # return_dict=True pins the return type (transformers 5 returns a BatchEncoding by default).
         encoded: Any = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
         )
         ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
         return [int(i) for i in ids]

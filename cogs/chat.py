@@ -9,6 +9,16 @@ from typing import TYPE_CHECKING
 import discord
 from discord.ext import commands
 
+from bot.admission import (
+    AccessPolicy,
+    Admission,
+    AdmissionTicket,
+    Asker,
+    NoticeGate,
+    Refusal,
+    has_visible_text,
+    neutralise_control_tags,
+)
 from bot.chat import TurnInput
 from bot.discord_text import strip_mentions_of
 from bot.errors import BotError
@@ -21,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TURN_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+EMPTY_HINT = "Send me some text and I'll answer it."
+ATTACHMENTS_NOT_READ = "I can't read attachments; please paste the text into your message."
 
 
 def place_of(channel: discord.abc.Messageable, author: discord.abc.User) -> Place | None:
@@ -34,6 +46,17 @@ def place_of(channel: discord.abc.Messageable, author: discord.abc.User) -> Plac
     return None
 
 
+def asker_of(channel: object, user: discord.abc.User) -> Asker:
+    """The IDs the access rules look at; a thread is judged by its parent channel."""
+    guild = getattr(channel, "guild", None)
+    if guild is None:
+        return Asker(user_id=user.id)
+    roles = frozenset(role.id for role in user.roles) if isinstance(user, discord.Member) else frozenset()
+    if isinstance(channel, discord.Thread):
+        return Asker(user.id, guild.id, channel.parent_id, channel.id, roles)
+    return Asker(user.id, guild.id, getattr(channel, "id", None), None, roles)
+
+
 class ChatCog(commands.Cog):
     def __init__(self, bot: ChatBot) -> None:
         self.bot = bot
@@ -41,6 +64,24 @@ class ChatCog(commands.Cog):
         self.store = bot.core.store
         # The task answering each user message, so deleting the message cancels its answer.
         self.turn_tasks: dict[int, asyncio.Task[None]] = {}
+        # The channel or thread of each of those messages, so archiving a thread cancels the answers in it.
+        self.turn_channels: dict[int, int] = {}
+        self.stopping = False
+        self.access = AccessPolicy(bot.settings.discord)
+        self.admission = Admission(per_minute=bot.settings.chat.rate_limit_per_minute)
+        self.notices = NoticeGate()
+
+    async def drain(self, grace: float) -> None:
+        self.stopping = True
+        running = set(self.turn_tasks.values())
+        if not running:
+            return
+        log.info("waiting up to %.0fs for %d answers to finish", grace, len(running))
+        _, late = await asyncio.wait(running, timeout=grace)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
     def is_bound_thread(self, place: Place) -> bool:
         return bool(self.store.list_sessions(place_keys=[place.key]))
@@ -66,17 +107,46 @@ class ChatCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        turn = self.turn_text(message)
+        turn = None if self.stopping else self.turn_text(message)
         if turn is None:
             return
         place, text = turn
+        refusal = self.access.check(asker_of(message.channel, message.author))
+        if refusal is not None:
+            await self.refuse(message, refusal)
+            return
+        if not has_visible_text(text):
+            # Only a mention, only invisible characters, or only attachments: nothing for the model to read.
+            await self.reply(message, ATTACHMENTS_NOT_READ if message.attachments else EMPTY_HINT)
+            return
+        try:
+            # Checked before the turn takes the session's lock: a second message from the same user is refused
+            # at once instead of waiting behind their first.
+            ticket = self.admission.admit(message.author.id, place.key)
+        except BotError as exc:
+            log.info("message %s from %s refused: %s", message.id, message.author.id, exc)
+            await self.reply(message, exc.user_message)
+            return
         task = asyncio.current_task()
         if task is not None:
             self.turn_tasks[message.id] = task
+            self.turn_channels[message.id] = message.channel.id
         try:
-            await self.answer(message, place, text)
+            with ticket:
+                await self.answer(message, place, neutralise_control_tags(text), ticket)
         finally:
             self.turn_tasks.pop(message.id, None)
+            self.turn_channels.pop(message.id, None)
+
+    async def refuse(self, message: discord.Message, refusal: Refusal) -> None:
+        log.debug("message %s from %s refused by %s", message.id, message.author.id, refusal.key)
+        if not refusal.quiet and self.notices.should_tell(message.author.id):
+            await self.reply(message, refusal.sentence)
+
+    async def reply(self, message: discord.Message, sentence: str) -> None:
+        settings = self.bot.settings.discord
+        reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, ping_author=settings.ping_author)
+        await self.tell(reply, sentence)
 
     @commands.Cog.listener()
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
@@ -85,7 +155,26 @@ class ChatCog(commands.Cog):
             log.info("message %s deleted: cancelling its answer", payload.message_id)
             task.cancel()
 
-    async def answer(self, message: discord.Message, place: Place, text: str) -> None:
+    @commands.Cog.listener()
+    async def on_raw_thread_update(self, payload: discord.RawThreadUpdateEvent) -> None:
+        if payload.data.get("thread_metadata", {}).get("archived"):
+            # Quietly: a reply would unarchive the thread a moderator just closed.
+            self.cancel_answers_in(payload.thread_id, "archived")
+
+    @commands.Cog.listener()
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        self.cancel_answers_in(payload.thread_id, "deleted")
+
+    def cancel_answers_in(self, channel_id: int, why: str) -> None:
+        for message_id, where in list(self.turn_channels.items()):
+            task = self.turn_tasks.get(message_id)
+            if where == channel_id and task is not None:
+                log.info("thread %s %s: cancelling the answer to message %s", channel_id, why, message_id)
+                task.cancel()
+
+    async def answer(
+        self, message: discord.Message, place: Place, text: str, ticket: AdmissionTicket | None = None
+    ) -> None:
         settings = self.bot.settings.discord
         reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, ping_author=settings.ping_author)
         request = TurnInput(place=place, author_id=message.author.id, text=text, message_id=message.id)
@@ -96,9 +185,16 @@ class ChatCog(commands.Cog):
                 async for delta in turn.stream():
                     await reply.feed(delta)
                 await reply.finish()
+                if ticket is not None:
+                    # The user sees the whole answer now; a next message waits only for history to be written.
+                    ticket.release()
         except BotError as exc:
             log.info("turn in %s refused or failed: %s", place.key, exc)
             await self.tell(reply, exc.user_message)
+        except asyncio.CancelledError:
+            if self.stopping:
+                await self.tell(reply, "I was restarted before I could finish this answer; please ask again.")
+            raise
         except discord.HTTPException as exc:
             # Discord refused a send or an edit: the turn is marked failed in history by the chat service.
             log.warning("Discord error while answering in %s: %s", place.key, exc)

@@ -10,10 +10,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.admission import SYSTEM_PROMPT_NEEDS_ROLE, AccessPolicy
 from bot.discord_text import MESSAGE_LIMIT, no_pings
 from bot.errors import BotError
 from bot.sessions import Place, Session, SessionSummary, is_valid_session_id
-from cogs.chat import place_of
+from cogs.chat import asker_of, place_of
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
@@ -23,6 +24,16 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 10
 THREAD_NAME_LIMIT = 100
 NOT_FOUND = "No session with that ID that you can see. `/history` lists yours."
+# First Strong Isolate ... Pop Directional Isolate: direction marks in a user-made title stay inside it.
+ISOLATE, END_ISOLATE = "\u2068", "\u2069"
+
+
+class AccessRefused(app_commands.CheckFailure):
+    """A command refused by the access rules; `sentence` is what the caller is told (ephemerally)."""
+
+    def __init__(self, sentence: str) -> None:
+        super().__init__(sentence)
+        self.sentence = sentence
 
 
 def can_see(interaction: discord.Interaction, place: Place) -> bool:
@@ -49,7 +60,7 @@ def where(place: Place) -> str:
 
 def summary_line(summary: SessionSummary) -> str:
     updated = discord.utils.format_dt(discord.utils.parse_time(summary.updated_at), "R")
-    title = discord.utils.escape_markdown(summary.title)
+    title = ISOLATE + discord.utils.escape_markdown(summary.title) + END_ISOLATE
     return f"**{title}** · {where(summary.place)} · {summary.turns} turns · {updated} · `{summary.id}`"
 
 
@@ -110,6 +121,17 @@ class SessionsCog(commands.Cog):
         self.bot = bot
         self.chat = bot.core.chat
         self.store = bot.core.store
+        self.access = AccessPolicy(bot.settings.discord)
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        # Commands are answered even where messages are ignored: the sentence is ephemeral, so only the caller
+        # sees it and the channel stays quiet.
+        refusal = self.access.check(asker_of(interaction.channel, interaction.user))
+        if refusal is not None:
+            command = interaction.command.name if interaction.command else "?"
+            log.debug("/%s from %s refused by %s", command, interaction.user.id, refusal.key)
+            raise AccessRefused(refusal.sentence)
+        return True
 
     def visible_sessions(self, interaction: discord.Interaction) -> list[SessionSummary]:
         if interaction.guild is None:
@@ -134,6 +156,8 @@ class SessionsCog(commands.Cog):
         if channel is None:
             await interaction.response.send_message("I can't start a chat here.", ephemeral=True)
             return
+        if system_prompt is not None and not self.access.may_set_system_prompt(asker_of(channel, interaction.user)):
+            raise AccessRefused(SYSTEM_PROMPT_NEEDS_ROLE)
         title = topic or f"Chat with {interaction.user.display_name}"
         if isinstance(channel, discord.TextChannel):
             await interaction.response.defer(thinking=True)
@@ -154,11 +178,12 @@ class SessionsCog(commands.Cog):
         )
         text = f"Started a new chat {target}: every message there is a turn, no mention needed. (`{session.id}`)"
         if thread is not None:
-            await interaction.edit_original_response(content=text, allowed_mentions=no_pings())
+            # The welcome goes first, so it is the thread's first message whatever the user writes next.
             await thread.send(
                 f"New chat started by {interaction.user.mention}. Write here to talk to me.",
                 allowed_mentions=no_pings(),
             )
+            await interaction.edit_original_response(content=text, allowed_mentions=no_pings())
         else:
             await interaction.response.send_message(text, allowed_mentions=no_pings())
 
@@ -205,6 +230,9 @@ class SessionsCog(commands.Cog):
     async def history_session_autocomplete(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
+        # Autocomplete skips interaction_check: without this, a refused user could list session titles.
+        if self.access.check(asker_of(interaction.channel, interaction.user)) is not None:
+            return []
         needle = current.strip().lower()
         choices = []
         for summary in self.visible_sessions(interaction):
@@ -219,8 +247,13 @@ class SessionsCog(commands.Cog):
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
         original = getattr(error, "original", error)
-        sentence = original.user_message if isinstance(original, BotError) else "That didn't work; please try again."
-        if not isinstance(original, BotError | discord.HTTPException):
+        if isinstance(original, AccessRefused):
+            sentence = original.sentence
+        elif isinstance(original, BotError):
+            sentence = original.user_message
+        else:
+            sentence = "That didn't work; please try again."
+        if not isinstance(original, BotError | discord.HTTPException | AccessRefused):
             log.warning("app command %s failed", interaction.command and interaction.command.name, exc_info=original)
         send = interaction.followup.send if interaction.response.is_done() else interaction.response.send_message
         try:

@@ -190,7 +190,7 @@ async def test_rows_of_one_batch_stop_at_their_own_max_new_tokens(
     assert len(texts[0]) < len(texts[1])
 
 
-async def test_requests_with_other_sampling_run_in_their_own_batch(
+async def test_requests_with_other_sampling_share_the_batch_and_keep_their_own_params(
     engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
 ) -> None:
     gate, blocker = await hold_worker(engine)
@@ -202,11 +202,31 @@ async def test_requests_with_other_sampling_run_in_their_own_batch(
     a, s, b = await asyncio.gather(greedy_a, sampled, greedy_b)
     await blocker
 
-    assert engine.stats.batches == 3  # blocker, the two greedy ones, the sampled one
-    assert engine.stats.largest_batch == 2
+    assert engine.stats.batches == 2  # the blocker, then all three together
+    assert engine.stats.largest_batch == 3
+    # Sampling one row does not change the greedy rows beside it.
     assert "".join(a) == reference(prompt_ids[0], 12)
     assert "".join(b) == reference(prompt_ids[2], 12)
     assert "".join(s)
+
+
+async def test_a_request_joins_the_running_batch_between_steps(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    counter = Gate(engine.model, at=6)  # holds the first request in its fifth decode step
+    first = asyncio.create_task(collect(engine, request(prompt_ids[1], max_new_tokens=30)))
+    await counter.wait_entered()
+    second = asyncio.create_task(collect(engine, request(prompt_ids[3], max_new_tokens=10)))
+    await until(lambda: engine.waiting == 1)
+    counter.remove()
+    a, b = await asyncio.gather(first, second)
+
+    assert "".join(a) == reference(prompt_ids[1], 30)
+    assert "".join(b) == reference(prompt_ids[3], 10)
+    # The second started while the first ran: the two shared decode steps instead of running one after the other.
+    assert engine.stats.largest_batch == 2
+    assert engine.stats.batches == 2
+    assert counter.calls < 30 + 10
 
 
 async def test_breaking_out_of_a_stream_drops_the_request(

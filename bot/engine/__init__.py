@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from bot.engine.base import Engine, EngineStats, GenerationRequest, SamplingParams
+from bot.engine.base import ChatMessage, Engine, EngineStats, GenerationRequest, SamplingParams
 from bot.engine.local import LocalEngine
+from bot.engine.remote import RemoteEngine, RetryPolicy
 
-__all__ = ["Engine", "EngineStats", "GenerationRequest", "LocalEngine", "SamplingParams"]
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "EngineStats",
+    "GenerationRequest",
+    "LocalEngine",
+    "RemoteEngine",
+    "RetryPolicy",
+    "SamplingParams",
+]

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,20 +48,34 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     # A hint for reusing a conversation's KV cache later; engines may ignore it.
     session_id: str | None = None
+    # The same conversation as `prompt_ids`, as messages: for a remote server that applies its own chat template.
+    # Engines that take token IDs ignore it.
+    messages: tuple[ChatMessage, ...] | None = None
 
 
 @dataclass(frozen=True)
 class EngineStats:
     """Counters of the work an engine has done since it started."""
 
-    batches: int = 0
+    batches: int = 0  # groups of requests admitted together (one prefill each)
     requests: int = 0
-    largest_batch: int = 0
+    largest_batch: int = 0  # most requests running at once
+    steps: int = 0  # decode steps
+    prefilled_tokens: int = 0  # prompt tokens run through the model
+    reused_tokens: int = 0  # prompt tokens taken from a session's cached KV instead
+    cached_sessions: int = 0
+    cache_bytes: int = 0
 
 
 class Engine(ABC):
@@ -69,7 +83,8 @@ class Engine(ABC):
 
     model_name: str
     context_length: int
-    tokenizer: PreTrainedTokenizerBase
+    # None only for a remote engine without a local tokenizer: prompts then go to the server as messages.
+    tokenizer: PreTrainedTokenizerBase | None
 
     @abstractmethod
     async def start(self) -> None:

@@ -1,27 +1,27 @@
-"""LocalEngine: a transformers model on one worker thread, serving waiting requests as left-padded batches.
+"""LocalEngine: a transformers model on one worker thread, serving requests by continuous batching.
 
-The worker takes every waiting request with the same sampling parameters (up to max_batch_size) and runs them
-through one `model.generate` call. A streamer routes each row's new tokens to its request's asyncio.Queue; a
-stopping criterion ends rows whose consumer left or that reached their own max_new_tokens. Continuous batching or
-per-session KV-cache reuse can replace `_serve` later without changing `generate()`.
+The worker loops: admit waiting requests into the running batch (one prefill forward for all that join, each
+starting from its session's cached prefix when the prompt extends it), then one decode step for every running row.
+A row leaves the batch when it ends (EOS, its own max_new_tokens, its consumer gone) and hands its KV cache to the
+session store for the next turn. The model work itself lives in scheduler.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.generation import BaseStreamer, StoppingCriteria, StoppingCriteriaList
 
 from bot.engine.base import Engine, EngineStats, GenerationRequest
+from bot.engine.kv_cache import SessionKVCache
+from bot.engine.scheduler import StepCounters, StepScheduler
+from bot.engine.streams import DONE, RequestStream
 from bot.errors import EngineDeadError, GenerationFailedError, PromptTooLongError, QueueFullError
 
 if TYPE_CHECKING:
@@ -31,123 +31,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DONE: Final = object()
-_INCOMPLETE_CHAR: Final = "\ufffd"
-
-
-class _Stream:
-    """One request's channel from the worker thread to its consumer on the event loop."""
-
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
-        self.request = request
-        self.loop = loop
-        self.queue: asyncio.Queue[object] = asyncio.Queue()
-        # Written by the consumer, read by the worker: a plain bool is enough, the worker only polls it.
-        self.cancelled = False
-        self.closed = False
-
-    def push(self, item: object) -> None:
-        # A closed loop raises RuntimeError: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def finish(self, error: BaseException | None = None) -> None:
-        """Deliver the last item, once (worker thread only)."""
-        if not self.closed:
-            self.closed = True
-            self.push(_DONE if error is None else error)
-
-
-class _Row:
-    """One request's place in a running batch: its generated ids and the text already sent."""
-
-    def __init__(self, stream: _Stream, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int]) -> None:
-        self.stream = stream
-        self.prompt = stream.request.prompt_ids
-        self.max_new_tokens = stream.request.sampling.max_new_tokens
-        self._tokenizer = tokenizer
-        self._eos_ids = eos_ids
-        self._ids: list[int] = []
-        self._text = ""
-        self.done = False
-
-    def add(self, token: int) -> None:
-        if self.done:
-            return  # generate keeps padding finished rows until the whole batch ends
-        if self.stream.cancelled:
-            self.done = True
-            return
-        if token in self._eos_ids:
-            self.complete()
-            return
-        self._ids.append(token)
-        text = self._decode()
-        # Hold back while the last token ends inside a multi-byte character.
-        if not text.endswith(_INCOMPLETE_CHAR):
-            self._emit(text)
-        if len(self._ids) >= self.max_new_tokens:
-            self.complete()
-
-    def complete(self) -> None:
-        """End the row normally, sending whatever text was held back."""
-        if not self.done:
-            self.done = True
-            self._emit(self._decode())
-            self.stream.finish()
-
-    def _decode(self) -> str:
-        # Decoding the whole answer each step (not token by token) keeps word-boundary spaces right.
-        return self._tokenizer.decode(self._ids, skip_special_tokens=True)
-
-    def _emit(self, text: str) -> None:
-        if len(text) > len(self._text):
-            self.stream.push(text[len(self._text) :])
-            self._text = text
-
-
-class _BatchStreamer(BaseStreamer):
-    """Hands each step's token column to the batch's rows."""
-
-    def __init__(self, rows: Sequence[_Row]) -> None:
-        self._rows = rows
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate's first put is the prompt itself
-            self._prompt_seen = True
-            return
-        for row, token in zip(self._rows, value.reshape(-1).tolist(), strict=True):
-            row.add(token)
-
-    def end(self) -> None:
-        """Rows still open are settled by the batch runner, which knows whether the engine is closing."""
-
-
-class _RowStopper(StoppingCriteria):
-    """Stops each row on its own: consumer gone, own max_new_tokens reached, or the engine closing."""
-
-    def __init__(self, rows: Sequence[_Row], prompt_width: int, closing: Callable[[], bool]) -> None:
-        self._rows = rows
-        self._prompt_width = prompt_width
-        self._closing = closing
-
-    def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self._prompt_width
-        closing = self._closing()
-        flags = [closing or row.done or row.stream.cancelled or generated >= row.max_new_tokens for row in self._rows]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
-def _sampling_key(stream: _Stream) -> tuple[float, float, float]:
-    s = stream.request.sampling
-    return (s.temperature, s.top_p, s.repetition_penalty)
-
 
 class LocalEngine(Engine):
     """Runs a Hugging Face causal LM in this process, on one dedicated worker thread."""
 
-    def __init__(self, settings: ModelSettings, *, hf_token: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: ModelSettings,
+        *,
+        hf_token: str | None = None,
+        loader: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None = None,
+    ) -> None:
+        """`loader`, when given, builds the model and tokenizer on the worker thread instead of `settings.name`
+        (the benchmark's random-weight LLaMA-2-7B shapes, which exist in no folder)."""
         self.settings = settings
+        self._loader = loader
         self.model_name = settings.name
         self.context_length = settings.context_length or 0  # the model's own limit is known after start()
         self._hf_token = hf_token
@@ -157,13 +55,13 @@ class LocalEngine(Engine):
         self._vocab_size = 0
         # Guards _waiting, _open, _closing and _dead; never held while the model runs.
         self._cond = threading.Condition()
-        self._waiting: deque[_Stream] = deque()
-        self._open: set[_Stream] = set()
-        self._rows: Sequence[_Row] = ()
+        self._waiting: deque[RequestStream] = deque()
+        self._open: set[RequestStream] = set()
         self._closing = False
         self._dead: str | None = "engine not started"
         self._thread: threading.Thread | None = None
-        self._stats = EngineStats()
+        self._counters = StepCounters()
+        self._sessions = SessionKVCache(settings.kv_cache_budget_mb * 2**20)
 
     @property
     def model(self) -> PreTrainedModel:
@@ -177,11 +75,23 @@ class LocalEngine(Engine):
 
     @property
     def running(self) -> int:
-        return sum(not row.done for row in self._rows)
+        # Open streams not waiting: being generated, or between the queue and the batch for a moment.
+        with self._cond:
+            return len(self._open) - len(self._waiting)
 
     @property
     def stats(self) -> EngineStats:
-        return self._stats
+        c = self._counters
+        return EngineStats(
+            batches=c.prefills,
+            requests=c.requests,
+            largest_batch=c.largest_batch,
+            steps=c.steps,
+            prefilled_tokens=c.prefilled_tokens,
+            reused_tokens=c.reused_tokens,
+            cached_sessions=len(self._sessions),
+            cache_bytes=self._sessions.nbytes,
+        )
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -207,7 +117,7 @@ class LocalEngine(Engine):
         try:
             while True:
                 item = await stream.queue.get()
-                if item is _DONE:
+                if item is DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -221,7 +131,7 @@ class LocalEngine(Engine):
                 if stream in self._waiting:
                     self._waiting.remove(stream)
 
-    def _submit(self, request: GenerationRequest) -> _Stream:
+    def _submit(self, request: GenerationRequest) -> RequestStream:
         with self._cond:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
@@ -230,7 +140,7 @@ class LocalEngine(Engine):
             self._check_prompt(request)
             if len(self._waiting) >= self.settings.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
-            stream = _Stream(request, asyncio.get_running_loop())
+            stream = RequestStream(request, asyncio.get_running_loop())
             self._waiting.append(stream)
             self._open.add(stream)
             self._cond.notify()
@@ -270,12 +180,15 @@ class LocalEngine(Engine):
 
     def _load(self) -> None:
         s = self.settings
-        common: dict[str, object] = {"token": self._hf_token}
-        if s.gguf_file:
-            common["gguf_file"] = s.gguf_file
-        tokenizer = AutoTokenizer.from_pretrained(s.name, **common)
-        dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
-        model = AutoModelForCausalLM.from_pretrained(s.name, dtype=dtype, device_map=s.device_map, **common)
+        if self._loader is not None:
+            model, tokenizer = self._loader()
+        else:
+            common: dict[str, object] = {"token": self._hf_token}
+            if s.gguf_file:
+                common["gguf_file"] = s.gguf_file
+            tokenizer = AutoTokenizer.from_pretrained(s.name, **common)
+            dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
+            model = AutoModelForCausalLM.from_pretrained(s.name, dtype=dtype, device_map=s.device_map, **common)
         model.eval()
         tokenizer.padding_side = "left"
         eos = model.generation_config.eos_token_id
@@ -306,76 +219,62 @@ class LocalEngine(Engine):
         )
 
     def _serve(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run_batch(batch)
+        scheduler = StepScheduler(
+            self.model,
+            self.tokenizer,
+            eos_ids=self._eos_ids,
+            pad_id=self._pad_id,
+            sessions=self._sessions,
+            counters=self._counters,
+        )
+        # One inference mode around the whole loop: the caches it makes are reshaped between steps too.
+        with torch.inference_mode():
+            while (joining := self._next_joining(scheduler)) is not None:
+                if joining:
+                    self._admit(scheduler, joining)
+                if self._closing:
+                    return
+                if scheduler.rows:
+                    self._step(scheduler)
 
-    def _next_batch(self) -> list[_Stream] | None:
-        """Wait for requests; take the oldest one and those waiting with the same sampling parameters."""
+    def _next_joining(self, scheduler: StepScheduler) -> list[RequestStream] | None:
+        """Requests that join the batch now (waiting only while nothing runs); None when closing."""
+        s = self.settings
         with self._cond:
-            while not self._waiting and not self._closing:
+            while not self._waiting and not scheduler.rows and not self._closing:
                 self._cond.wait()
             if self._closing:
                 return None
-            key = _sampling_key(self._waiting[0])
-            batch: list[_Stream] = []
-            rest: deque[_Stream] = deque()
-            for stream in self._waiting:
-                if len(batch) < self.settings.max_batch_size and _sampling_key(stream) == key:
-                    batch.append(stream)
-                else:
-                    rest.append(stream)
-            self._waiting = rest
-            return batch
+            joining: list[RequestStream] = []
+            width = 0
+            while self._waiting and len(scheduler.rows) + len(joining) < s.max_batch_size:
+                stream = self._waiting[0]
+                ids = stream.request.prompt_ids
+                new = len(ids) - scheduler.sessions.reusable(stream.request.session_id, ids)
+                # The prefill pads every joining prompt to the longest new part: cap that padded size.
+                if joining and max(width, new) * (len(joining) + 1) > s.max_batch_tokens:
+                    break
+                width = max(width, new)
+                joining.append(self._waiting.popleft())
+            return joining
 
-    def _run_batch(self, streams: list[_Stream]) -> None:
-        rows = [_Row(stream, self.tokenizer, self._eos_ids) for stream in streams]
-        self._rows = rows
-        self._stats = dataclasses.replace(
-            self._stats,
-            batches=self._stats.batches + 1,
-            requests=self._stats.requests + len(rows),
-            largest_batch=max(self._stats.largest_batch, len(rows)),
-        )
+    def _admit(self, scheduler: StepScheduler, streams: list[RequestStream]) -> None:
+        streams = [stream for stream in streams if not stream.cancelled]
+        if not streams:
+            return
         try:
-            self._generate(rows)
+            scheduler.admit(streams)
         except Exception as exc:
-            log.exception("generation failed for a batch of %d requests", len(rows))
-            for row in rows:
-                error = GenerationFailedError(f"the model raised {exc!r}")
-                error.__cause__ = exc
-                row.done = True
-                row.stream.finish(error)
-        else:
-            for row in rows:
-                # Rows cut off by close() are failed by _shut_down; the rest ended with the batch.
-                if not self._closing:
-                    row.complete()
-        finally:
-            self._rows = ()
+            log.exception("prefill failed for %d joining requests", len(streams))
+            _fail(streams, exc)
 
-    def _generate(self, rows: Sequence[_Row]) -> None:
-        model = self.model
-        width = max(len(row.prompt) for row in rows)
-        input_ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt, dtype=torch.long)
-            attention_mask[i, width - len(row.prompt) :] = 1
-        sampling = rows[0].stream.request.sampling
-        options: dict[str, object] = {"do_sample": not sampling.greedy}
-        if not sampling.greedy:
-            options.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max(row.max_new_tokens for row in rows),
-            repetition_penalty=sampling.repetition_penalty,
-            pad_token_id=self._pad_id,
-            eos_token_id=sorted(self._eos_ids),
-            streamer=_BatchStreamer(rows),
-            stopping_criteria=StoppingCriteriaList([_RowStopper(rows, width, lambda: self._closing)]),
-            **options,
-        )
+    def _step(self, scheduler: StepScheduler) -> None:
+        try:
+            scheduler.step()
+        except Exception as exc:
+            rows = scheduler.drop_all()
+            log.exception("decode step failed for a batch of %d requests", len(rows))
+            _fail([row.stream for row in rows], exc)
 
     def _shut_down(self, reason: str) -> None:
         with self._cond:
@@ -384,6 +283,13 @@ class LocalEngine(Engine):
             self._waiting.clear()
         for stream in streams:
             stream.finish(EngineDeadError(reason))
+
+
+def _fail(streams: Sequence[RequestStream], exc: Exception) -> None:
+    for stream in streams:
+        error = GenerationFailedError(f"the model raised {exc!r}")
+        error.__cause__ = exc
+        stream.finish(error)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

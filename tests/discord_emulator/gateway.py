@@ -127,6 +127,16 @@ class Gateway:
         self.identify_count = 0
         self.resume_count = 0
         self._connections: set[Connection] = set()
+        # Cleared during an outage: new connections then get no HELLO until it is set again.
+        self._up = asyncio.Event()
+        self._up.set()
+
+    def hold_connections(self) -> None:
+        """Start an outage: connections made from now on wait, without HELLO, until `release_connections`."""
+        self._up.clear()
+
+    def release_connections(self) -> None:
+        self._up.set()
 
     def ready_shards(self) -> set[int]:
         return {shard for shard, s in self.active.items() if s.conn is not None and not s.conn.ws.closed}
@@ -165,6 +175,7 @@ class Gateway:
         self._connections.add(conn)
         session: GatewaySession | None = None
         try:
+            await self._up.wait()
             await conn.send(json.dumps({"op": HELLO, "d": {"heartbeat_interval": self._heartbeat_interval_ms},
                                         "s": None, "t": None}))  # fmt: skip
             async for msg in ws:

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -81,6 +81,7 @@ class DiscordEmulator:
     async def close(self) -> None:
         if self._runner is None:
             return
+        self.gateway.release_connections()
         await self.gateway.close_all(code=1001)
         await self._runner.cleanup()
         self._runner = None
@@ -333,6 +334,18 @@ class DiscordEmulator:
     async def close_gateway(self, code: int = 4000) -> None:
         """Drops every gateway connection; discord.py reconnects and RESUMEs (or re-IDENTIFYs)."""
         await self.gateway.close_all(code=code)
+
+    @contextlib.asynccontextmanager
+    async def gateway_outage(self, code: int = 4000) -> AsyncIterator[None]:
+        """The gateway is gone while the block runs: every connection is dropped with `code`, and the bot's
+        reconnects hang before HELLO until the block ends (then it RESUMEs and gets the missed events).
+        REST keeps working, as it does when only Discord's gateway is down."""
+        self.gateway.hold_connections()
+        try:
+            await self.gateway.close_all(code=code)
+            yield
+        finally:
+            self.gateway.release_connections()
 
     # --- inspection -------------------------------------------------------------------------------
     def calls(self, method: str | None = None, path_pattern: str | None = None) -> list[RecordedCall]:

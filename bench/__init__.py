@@ -1,0 +1,1 @@
+"""Benchmark: the engine against the one-pipeline-call-per-message baseline (`python -m bench`)."""

@@ -1,0 +1,167 @@
+"""`python -m bench`: run workloads 1-4 against the Gradio-like baseline and print one table of ratios."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from bench.baseline import Baseline
+from bench.models import ensure_smollm2, llama2_tokenizer_dir, random_llama2_7b
+from bench.workloads import Ours, Results, workload1, workload2, workload3, workload4
+from bot.config import ModelSettings
+from bot.engine import LocalEngine
+from bot.prompt import select_format
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--model", type=Path, help="a Hugging Face model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--llama2-7b-shape", action="store_true", help="random weights with LLaMA-2-7B's shapes (GPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
+    p.add_argument("--repeat", type=int, default=1, help="run workloads 1-3 this many times; medians are printed")
+    p.add_argument("--skip", default="", help="workloads to leave out, e.g. 4 or 2,4")
+    return p.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.llama2_7b_shape:
+        model, tokenizer = random_llama2_7b(llama2_tokenizer_dir(), dtype=args.dtype, device=args.device)
+        return model, tokenizer, "random LLaMA-2-7B shapes"
+    folder = args.model or ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), device_map=args.device)
+    return model.eval(), tokenizer, folder.name
+
+
+async def lag_monitor(worst: list[float], stop: asyncio.Event, tick: float = 0.005) -> None:
+    """The event loop's worst lateness: a sleep that wakes later than asked means the loop was blocked."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        start = loop.time()
+        await asyncio.sleep(tick)
+        worst.append(loop.time() - start - tick)
+
+
+def median_rows(runs: list[Results]) -> Results:
+    """Per cell, the median of the numbers the runs printed (text cells from the first run)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = Results()
+    for cells in zip(*(r.rows for r in runs), strict=True):
+        first = cells[0]
+        values = []
+        for attr in ("ours", "baseline", "ratio"):
+            texts = [getattr(c, attr) for c in cells]
+            values.append(_median_text(texts))
+        out.add(first.workload, first.metric, *values)
+    return out
+
+
+def _median_text(texts: list[str]) -> str:
+    head = texts[0]
+    for suffix in ("x faster", "x", ""):
+        if head.endswith(suffix):
+            try:
+                nums = [float(t[: len(t) - len(suffix)] if suffix else t) for t in texts]
+            except ValueError:
+                return head
+            value = statistics.median(nums)
+            return f"{value:.2f}{suffix}"
+    return head
+
+
+def print_table(res: Results, title: str) -> None:
+    headers = ("workload", "metric", "ours", "baseline", "ratio")
+    rows = [headers] + [(r.workload, r.metric, r.ours, r.baseline, r.ratio) for r in res.rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
+    print(f"\n{title}")
+    for i, row in enumerate(rows):
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
+        if i == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+async def run(args: argparse.Namespace) -> None:
+    quick = args.quick
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    model, tokenizer, name = await asyncio.to_thread(load, args)
+    chats = 8 if quick else 16
+    settings = ModelSettings(
+        name=name,
+        dtype=args.dtype,
+        device_map=args.device,
+        max_batch_size=16,
+        max_queue=256,
+        kv_cache_budget_mb=4096,
+    )
+    engine = LocalEngine(settings, loader=lambda: (model, tokenizer))
+    fmt = select_format(tokenizer, name, "auto")
+    base = Baseline(model, tokenizer)
+    worst: list[float] = []
+    stop = asyncio.Event()
+    monitor = asyncio.create_task(lag_monitor(worst, stop))
+    runs: list[Results] = []
+    started = time.perf_counter()
+    async with engine:
+        ours = Ours(engine)
+        await ours.answer(fmt.encode(None, [], "Hello"), 4)  # warm-up, both sides
+        await asyncio.to_thread(base.answer, fmt.encode(None, [], "Hello"), 4)
+        for _ in range(args.repeat):
+            res = Results()
+            if "1" not in skip:
+                await workload1(res, ours, base, fmt, chats=chats, max_new_tokens=16 if quick else 64)
+            if "2" not in skip:
+                await workload2(
+                    res,
+                    ours,
+                    base,
+                    fmt,
+                    sessions=4 if quick else 16,
+                    turns=3 if quick else 6,
+                    max_new_tokens=8 if quick else 24,
+                    long_history_tokens=400 if quick else 2000,
+                )
+            if "3" not in skip:
+                await workload3(res, ours, fmt, requests=chats, every_s=0.5, max_new_tokens=16 if quick else 64)
+            runs.append(res)
+    stop.set()
+    await monitor
+    res = median_rows(runs)
+    if "4" not in skip:
+        await workload4(res, few=10, many=1000 if quick else 10_000, appends=20 if quick else 50)
+    res.add("event loop", "worst lag during 1-3 (ms)", f"{max(worst, default=0) * 1000:.1f}")
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        res.add("GPU", torch.cuda.get_device_name(), f"peak {peak:.1f} GiB")
+    title = (
+        f"{name} on {args.device} ({args.dtype}), {torch.get_num_threads()} threads, {platform.processor() or '?'}, "
+        f"repeat {args.repeat}{', quick' if quick else ''}, {time.perf_counter() - started:.0f} s"
+    )
+    print_table(res, title)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
+    asyncio.run(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The benchmark's workloads: each runs ours and the baseline on the same prompts and returns table rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.baseline import Baseline
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams
+from bot.prompt import Exchange, PromptFormat
+
+TOPICS = (
+    "castles",
+    "the ocean",
+    "volcanoes",
+    "bread baking",
+    "chess openings",
+    "honey bees",
+    "the moon landing",
+    "jazz music",
+    "rainforests",
+    "steam engines",
+    "origami",
+    "black holes",
+    "the Roman empire",
+    "coffee",
+    "glaciers",
+    "electric cars",
+)
+FOLLOW_UPS = (
+    "Tell me about {t} in two sentences.",
+    "What is the most surprising fact about {t}?",
+    "How would you explain {t} to a child?",
+    "Name three words you link with {t}.",
+    "What is a common mistake people make about {t}?",
+    "Give me one question to ask an expert on {t}.",
+)
+FILLER = (
+    "Here is some background I wrote down earlier, please keep it in mind: the old mill by the river was built "
+    "in stone, it had a wooden wheel, and the village grew around it over two hundred years. "
+)
+
+
+@dataclass
+class Row:
+    workload: str
+    metric: str
+    ours: str
+    baseline: str
+    ratio: str
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, workload: str, metric: str, ours: str, baseline: str = "", ratio: str = "") -> None:
+        self.rows.append(Row(workload, metric, ours, baseline, ratio))
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: int
+    seconds: float
+    first_token_s: float
+
+
+class Ours:
+    """Runs requests through the engine and measures them."""
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    async def answer(self, prompt_ids: Sequence[int], max_new_tokens: int, session_id: str | None = None) -> Answer:
+        request = GenerationRequest(tuple(prompt_ids), SamplingParams(max_new_tokens=max_new_tokens), session_id)
+        start = time.perf_counter()
+        first = 0.0
+        parts: list[str] = []
+        async for delta in self.engine.generate(request):
+            if not parts:
+                first = time.perf_counter() - start
+            parts.append(delta)
+        text = "".join(parts)
+        tokens = len(self.engine.tokenizer.encode(text, add_special_tokens=False))
+        return Answer(text, tokens, time.perf_counter() - start, first)
+
+
+async def encode(fmt: PromptFormat, history: Sequence[Exchange], user: str) -> list[int]:
+    # Off the event loop, as bot/chat.py does: a long history's chat template takes milliseconds.
+    return await asyncio.to_thread(fmt.encode, None, history, user)
+
+
+def _same(ours: Sequence[str], theirs: Sequence[str]) -> str:
+    return f"{sum(a.strip() == b.strip() for a, b in zip(ours, theirs, strict=True))}/{len(ours)}"
+
+
+async def workload1(
+    res: Results, ours: Ours, base: Baseline, fmt: PromptFormat, *, chats: int, max_new_tokens: int
+) -> None:
+    """`chats` chats send one message each at the same time."""
+    prompts = [await encode(fmt, [], FOLLOW_UPS[0].format(t=TOPICS[i % len(TOPICS)])) for i in range(chats)]
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(ours.answer(p, max_new_tokens) for p in prompts))
+    ours_s = time.perf_counter() - start
+    base_answers = [await asyncio.to_thread(base.answer, p, max_new_tokens) for p in prompts]
+    base_s = sum(a.seconds for a in base_answers)
+    ours_tps = sum(a.tokens for a in answers) / ours_s
+    base_tps = sum(a.tokens for a in base_answers) / base_s
+    name = f"1: {chats} chats at once"
+    res.add(name, "tokens/s", f"{ours_tps:.1f}", f"{base_tps:.1f}", f"{ours_tps / base_tps:.2f}x")
+    res.add(name, "same answers as baseline", _same([a.text for a in answers], [a.text for a in base_answers]))
+
+
+async def workload2(
+    res: Results,
+    ours: Ours,
+    base: Baseline,
+    fmt: PromptFormat,
+    *,
+    sessions: int,
+    turns: int,
+    max_new_tokens: int,
+    long_history_tokens: int,
+) -> None:
+    """`sessions` sessions × `turns` turns each, history growing; then one turn at ~100 and ~2,000 tokens."""
+
+    async def session(i: int) -> list[str]:
+        history: list[Exchange] = []
+        texts: list[str] = []
+        for turn in range(turns):
+            user = FOLLOW_UPS[turn % len(FOLLOW_UPS)].format(t=TOPICS[i % len(TOPICS)])
+            answer = await ours.answer(await encode(fmt, history, user), max_new_tokens, session_id=f"w2-{i}")
+            texts.append(answer.text)
+            history.append(Exchange(user, answer.text.strip()))
+        return texts
+
+    start = time.perf_counter()
+    ours_texts = await asyncio.gather(*(session(i) for i in range(sessions)))
+    ours_s = time.perf_counter() - start
+
+    base_s = 0.0
+    base_texts: list[list[str]] = []
+    for i in range(sessions):
+        history: list[Exchange] = []
+        texts: list[str] = []
+        for turn in range(turns):
+            user = FOLLOW_UPS[turn % len(FOLLOW_UPS)].format(t=TOPICS[i % len(TOPICS)])
+            answer = await asyncio.to_thread(base.answer, await encode(fmt, history, user), max_new_tokens)
+            base_s += answer.seconds
+            texts.append(answer.text)
+            history.append(Exchange(user, answer.text.strip()))
+        base_texts.append(texts)
+    name = f"2: {sessions} sessions x {turns} turns"
+    res.add(name, "total time (s)", f"{ours_s:.1f}", f"{base_s:.1f}", f"{base_s / ours_s:.2f}x faster")
+    flat_ours = [t for texts in ours_texts for t in texts]
+    flat_base = [t for texts in base_texts for t in texts]
+    res.add(name, "same answers as baseline", _same(flat_ours, flat_base))
+
+    # One turn after a short and after a long history, each session warmed by its previous turn (as in a chat).
+    times: dict[str, tuple[float, float, int]] = {}
+    for label, filler_turns in (("short", 0), ("long", None)):
+        history = [Exchange("Hello!", "Hello! How can I help you today?")]
+        if filler_turns is None:
+            while len(await encode(fmt, history, "x")) < long_history_tokens:
+                history.append(Exchange(FILLER, "Noted, I will keep that in mind."))
+        sid = f"w2-{label}"
+        warm = await ours.answer(await encode(fmt, history[:-1], history[-1].user), max_new_tokens, session_id=sid)
+        history[-1] = Exchange(history[-1].user, warm.text.strip())
+        prompt = await encode(fmt, history, FOLLOW_UPS[1].format(t="castles"))
+        timed = await ours.answer(prompt, max_new_tokens, session_id=sid)
+        base_answer = await asyncio.to_thread(base.answer, prompt, max_new_tokens)
+        # Per generated token, so an answer that stops early does not look fast.
+        times[label] = (
+            timed.seconds / max(timed.tokens, 1),
+            base_answer.seconds / max(base_answer.tokens, 1),
+            len(prompt),
+        )
+    (s_ours, s_base, s_len), (l_ours, l_base, l_len) = times["short"], times["long"]
+    res.add(
+        name,
+        f"turn at {l_len} over {s_len} history tokens (s/token)",
+        f"{l_ours / s_ours:.2f}x",
+        f"{l_base / s_base:.2f}x",
+    )
+
+
+async def workload3(
+    res: Results, ours: Ours, fmt: PromptFormat, *, requests: int, every_s: float, max_new_tokens: int
+) -> None:
+    """Staggered arrivals: time to first token against a lone request's."""
+    prompts = [await encode(fmt, [], FOLLOW_UPS[2].format(t=TOPICS[i % len(TOPICS)])) for i in range(requests)]
+    lone = sorted([(await ours.answer(prompts[i], max_new_tokens)).first_token_s for i in range(3)])[1]
+
+    async def arrive(i: int) -> Answer:
+        await asyncio.sleep(i * every_s)
+        return await ours.answer(prompts[i], max_new_tokens)
+
+    answers = await asyncio.gather(*(arrive(i) for i in range(requests)))
+    ttft = sorted(a.first_token_s for a in answers)
+    p50 = statistics.median(ttft)
+    p95 = ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))]
+    name = f"3: {requests} arrivals, one every {every_s}s"
+    res.add(name, "TTFT lone request (s)", f"{lone:.3f}")
+    res.add(name, "TTFT p50 (s), ratio to lone", f"{p50:.3f}", "", f"{p50 / lone:.2f}x")
+    res.add(name, "TTFT p95 (s), ratio to lone", f"{p95:.3f}", "", f"{p95 / lone:.2f}x")
+
+
+async def workload4(res: Results, *, few: int, many: int, appends: int) -> None:
+    """Appending a turn: 10 vs 10,000 sessions stored; and against rewriting one JSON file of all sessions."""
+    from bot.history import HistoryStore
+    from bot.sessions import Place, StoredMessage
+
+    def message(role: str, text: str) -> StoredMessage:
+        return StoredMessage(role=role, content=text, author_id=1, created_at="2026-01-01T00:00:00+00:00")  # type: ignore[arg-type]
+
+    turn = [message("user", "How are you?"), message("assistant", "Fine, thank you. " * 10)]
+
+    async def append_time(tmp: Path, stored: int) -> float:
+        async with HistoryStore(tmp) as store:
+            ids: list[str] = []
+            for chunk in range(0, stored, 250):
+                created = await asyncio.gather(
+                    *(
+                        store.create(Place.for_dm(1000 + i), owner_id=1, title="t", system_prompt=None)
+                        for i in range(chunk, min(stored, chunk + 250))
+                    )
+                )
+                ids += [s.id for s in created]
+            await store.append(ids[0], turn)
+            start = time.perf_counter()
+            for i in range(appends):
+                await store.append(ids[(i * 7919) % len(ids)], turn)
+            return (time.perf_counter() - start) / appends
+
+    def one_json_time(tmp: Path, stored: int) -> float:
+        # The Gradio app kept every conversation in one JSON file and rewrote all of it on each message.
+        path = tmp / "all.json"
+        record = {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine, thank you. " * 10}
+        path.write_text(json.dumps({f"s{i}": list(record) for i in range(stored)}))
+        start = time.perf_counter()
+        for i in range(appends):
+            data = json.loads(path.read_text())
+            data[f"s{(i * 7919) % stored}"].extend(record)
+            path.write_text(json.dumps(data))
+        return (time.perf_counter() - start) / appends
+
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b, tempfile.TemporaryDirectory() as c:
+        few_s = await append_time(Path(a), few)
+        many_s = await append_time(Path(b), many)
+        json_s = await asyncio.to_thread(one_json_time, Path(c), many)
+    name = f"4: history, {many} vs {few} sessions"
+    res.add(name, f"append, {few} sessions (ms)", f"{few_s * 1000:.2f}")
+    res.add(name, f"append, {many} sessions (ms), ratio", f"{many_s * 1000:.2f}", "", f"{many_s / few_s:.2f}x")
+    res.add(
+        name,
+        f"append vs one JSON of {many} (ms)",
+        f"{many_s * 1000:.2f}",
+        f"{json_s * 1000:.2f}",
+        f"{json_s / many_s:.1f}x faster",
+    )

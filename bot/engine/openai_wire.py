@@ -1,0 +1,112 @@
+"""The OpenAI HTTP API as it comes over the wire: streamed chunks (server-sent events), Retry-After, /v1/models."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+
+DONE = "[DONE]"
+
+# Keys under which servers report their context window in /v1/models (vLLM, and others that copy it).
+_CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length")
+
+
+class StreamError(Exception):
+    """The server broke off the stream or sent something that is not a completion chunk."""
+
+
+async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The `data` of each event, in order (multi-line data joined with newlines, as the SSE spec says)."""
+    lines: list[str] = []
+    async for raw in content:
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise StreamError(f"not UTF-8: {raw[:200]!r}") from exc
+        if not line:
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+            continue
+        if line.startswith(":"):
+            continue  # a comment, sent as a keep-alive
+        field, _, value = line.partition(":")
+        if field == "data":
+            lines.append(value.removeprefix(" "))
+    if lines:
+        yield "\n".join(lines)
+
+
+async def completion_deltas(content: aiohttp.StreamReader, *, chat: bool) -> AsyncIterator[str]:
+    """The text deltas of a streamed `/completions` or `/chat/completions` answer.
+
+    Raises StreamError when the server reports an error in the stream or the stream ends before the server said
+    it was done (a `finish_reason` or `[DONE]`): an answer cut short must not pass for a whole one.
+    """
+    finished = False
+    async for data in sse_data(content):
+        if data == DONE:
+            return
+        try:
+            chunk: Any = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise StreamError(f"not JSON: {data[:200]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise StreamError(f"not a completion chunk: {data[:200]!r}")
+        if chunk.get("error"):
+            raise StreamError(f"the server reported: {chunk['error']}")
+        for choice in chunk.get("choices") or ():
+            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+            if text:
+                yield text
+            if choice.get("finish_reason"):
+                finished = True
+    if not finished:
+        raise StreamError("the stream ended before the answer was finished")
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def context_length_from_listing(listing: Any, model_name: str) -> int | None:
+    """The context window a /v1/models answer gives for `model_name` (or for its only model), if any."""
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(entries, list):
+        return None
+    entries = [e for e in entries if isinstance(e, dict)]
+    ours = [e for e in entries if e.get("id") == model_name] or (entries if len(entries) == 1 else [])
+    for entry in ours:
+        for key in _CONTEXT_KEYS:
+            value = entry.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+        meta = entry.get("meta")  # llama.cpp's server
+        if isinstance(meta, dict):
+            for key in ("n_ctx", "n_ctx_train"):
+                value = meta.get(key)
+                if isinstance(value, int) and value > 0:
+                    return value
+    return None
