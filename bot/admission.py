@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 import unicodedata
 from collections import OrderedDict, deque
@@ -24,7 +23,6 @@ NOTICE_INTERVAL = 3600.0
 # LLaMA-2's (and Mistral's) turn and system markers are plain text to the tokenizer, so typed by a user they
 # would read to the model exactly like the real ones. BOS/EOS and other special tokens are not here: the prompt
 # builders encode user text so that typed special tokens stay text (bot/prompt.py).
-CONTROL_TAGS = re.compile(r"\[(/?)INST\]|<<(/?)SYS>>", re.IGNORECASE)
 
 
 class UserBusyError(BotError):
@@ -207,19 +205,6 @@ class AccessPolicy:
         if not self.system_prompt_roles:
             return True
         return not asker.in_dm and bool(self.system_prompt_roles & asker.role_ids)
-
-
-def neutralise_control_tags(text: str) -> str:
-    """`[INST]`, `[/INST]`, `<<SYS>>`, `<</SYS>>` (any case) with spaces inside, so they stay readable but are
-    no longer the tokens of LLaMA-2's turn or system markers."""
-    return CONTROL_TAGS.sub(_spaced, text)
-
-
-def _spaced(match: re.Match[str]) -> str:
-    tag = match.group(0)
-    if tag.startswith("["):
-        return f"[ {tag[1:-1]} ]"
-    return f"< {tag[1:-1]} >"
 
 
 def has_visible_text(text: str) -> bool:

@@ -18,7 +18,7 @@ from bot.config import Settings
 from bot.engine import ChatMessage, Engine, GenerationRequest, SamplingParams
 from bot.errors import BotError, MessageRejectedError, PromptTooLongError
 from bot.history import HistoryStore
-from bot.prompt import Exchange, PromptFormat, build_prompt
+from bot.prompt import Exchange, PromptFormat, build_prompt, neutralise_control_tags
 from bot.sessions import MessageStatus, Place, Session, StoredMessage, utc_now_iso
 
 log = logging.getLogger(__name__)
@@ -161,14 +161,18 @@ class ChatService:
         return self._prompt(session, text)[0]
 
     def _prompt(self, session: Session, text: str) -> tuple[list[int], tuple[ChatMessage, ...]]:
-        """The prompt's token IDs and the same conversation as messages (for servers that template it)."""
-        history = [Exchange(user=u, assistant=a) for u, a in session.exchanges()]
+        """The prompt's token IDs and the same conversation as messages (for servers that template it).
+
+        History keeps what users typed; only the prompt gets their text with LLaMA-2's markers defused."""
+        text = neutralise_control_tags(text)
+        system_prompt = neutralise_control_tags(session.system_prompt) if session.system_prompt else None
+        history = [Exchange(user=neutralise_control_tags(u), assistant=a) for u, a in session.exchanges()]
         if self.prompt_format is None:
-            kept = self._fit_by_chars(session.system_prompt, history, text)
-            return [], _messages(session.system_prompt, kept, text)
+            kept = self._fit_by_chars(system_prompt, history, text)
+            return [], _messages(system_prompt, kept, text)
         built = build_prompt(
             self.prompt_format,
-            session.system_prompt,
+            system_prompt,
             history,
             text,
             context_length=self.engine.context_length,
@@ -181,7 +185,7 @@ class ChatService:
                 built.dropped_exchanges,
             )
         kept = history[built.dropped_exchanges :]
-        return built.token_ids, _messages(session.system_prompt, kept, text)
+        return built.token_ids, _messages(system_prompt, kept, text)
 
     def _fit_by_chars(self, system_prompt: str | None, history: list[Exchange], text: str) -> list[Exchange]:
         """The newest exchanges whose guessed token count fits the budget (no tokenizer to count with)."""

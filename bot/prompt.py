@@ -8,6 +8,7 @@ llama/generation.py) token for token; `ChatTemplateFormat` uses the tokenizer's 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -222,3 +223,21 @@ def _too_long(message_tokens: int, with_system_tokens: int, budget: int) -> Prom
     if limit <= 0:
         log.warning("the system prompt alone takes %s of %s prompt tokens", system_share, budget)
     return PromptTooLongError(message_tokens=message_tokens, limit_tokens=max(0, limit))
+
+
+# LLaMA-2's turn and system markers are plain text to its tokenizer: typed by a user they would read exactly
+# like the real ones, so every format gets them with spaces inside.
+CONTROL_TAGS = re.compile(r"\[(/?)INST\]|<<(/?)SYS>>", re.IGNORECASE)
+
+
+def neutralise_control_tags(text: str) -> str:
+    """`[INST]`, `[/INST]`, `<<SYS>>`, `<</SYS>>` (any case) with spaces inside, so they stay readable but are
+    no longer the tokens of LLaMA-2's turn or system markers."""
+    return CONTROL_TAGS.sub(_spaced, text)
+
+
+def _spaced(match: re.Match[str]) -> str:
+    tag = match.group(0)
+    if tag.startswith("["):
+        return f"[ {tag[1:-1]} ]"
+    return f"< {tag[1:-1]} >"

@@ -17,7 +17,6 @@ from bot.admission import (
     NoticeGate,
     Refusal,
     has_visible_text,
-    neutralise_control_tags,
 )
 from bot.chat import TurnInput
 from bot.discord_text import strip_mentions_of
@@ -133,7 +132,7 @@ class ChatCog(commands.Cog):
             self.turn_channels[message.id] = message.channel.id
         try:
             with ticket:
-                await self.answer(message, place, neutralise_control_tags(text), ticket)
+                await self.answer(message, place, text, ticket)
         finally:
             self.turn_tasks.pop(message.id, None)
             self.turn_channels.pop(message.id, None)

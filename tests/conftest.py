@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from model_fixtures import build_tiny_llama, ensure_smollm2
+from openai_server import RunningServer, transformers_server
+from script_model import CODE_SCRIPT, PING_SCRIPT, build_script_llama
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +21,20 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, converted once into the cache (LLAMA_DISCORD_CACHE)."""
     return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def openai_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real OpenAI-compatible server (`transformers serve`) for the run; it serves any local model folder."""
+    with transformers_server(tmp_path_factory.mktemp("serve")) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def code_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_script_llama(tmp_path_factory.mktemp("code-model"), CODE_SCRIPT)
+
+
+@pytest.fixture(scope="session")
+def ping_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_script_llama(tmp_path_factory.mktemp("ping-model"), PING_SCRIPT)

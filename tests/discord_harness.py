@@ -17,6 +17,7 @@ from discord_emulator import DiscordEmulator, fail_on_logged_errors
 from bot.client import ChatBot, use_api_base
 from bot.config import Settings, settings_from_mapping
 from bot.core import open_core
+from bot.sessions import Place, Session
 
 # Our own loggers too: an ERROR from the bot is a failed test, like one from discord.py.
 WATCHED_LOGGERS = ("discord", "asyncio", "bot", "cogs")
@@ -194,3 +195,18 @@ class BotProcess:
         # A test that failed half-way must not leave a bot running.
         self.kill()
         await self.wait()
+
+
+async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 30) -> Session:  # noqa: ASYNC109
+    """The place's current session once `turns` user messages are stored and the last has its outcome."""
+
+    async def poll() -> Session:
+        while True:
+            session = await bot.core.store.current(place)
+            if session is not None and session.turns >= turns:
+                last = session.messages[-1]
+                if last.role == "assistant" or last.status != "ok":
+                    return session
+            await asyncio.sleep(0.02)
+
+    return await asyncio.wait_for(poll(), timeout)

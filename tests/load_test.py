@@ -77,7 +77,7 @@ class LoadFigures:
             ("wall time", f"{self.wall:.1f} s"),
             ("RSS before / peak", f"{self.rss_before_mib:.0f} MiB / {self.peak_rss_mib:.0f} MiB"),
         ]
-        rows += [(f"  refused: {text[:60]}", f"{count}") for text, count in self.refusals.most_common()]
+        rows += [(f"  refused: {text[:40]}…", f"{count}") for text, count in self.refusals.most_common()]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 

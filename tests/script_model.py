@@ -15,6 +15,9 @@ from pathlib import Path
 from model_fixtures import llama2_tokenizer_dir
 
 HIDDEN = 64
+# Scripts the tests use: code with fences (long answers, splitting) and text that would ping (mention safety).
+CODE_SCRIPT = "```python\nprint(42)``` Then more words, said the model."
+PING_SCRIPT = "Hi @everyone and <@&1234567890> look!"
 LOGIT = 10.0
 
 

@@ -17,16 +17,14 @@ from typing import Any
 
 import pytest
 from discord_emulator import Channel, DiscordEmulator, Guild, User, running_emulator
-from discord_harness import bot_settings, running_chat_bot
-from script_model import build_script_llama, expected_answer
+from discord_harness import bot_settings, finished_session, running_chat_bot
+from script_model import CODE_SCRIPT, expected_answer
 
 from bot.client import ChatBot
 from bot.history import HistoryStore
-from bot.sessions import Place, Session
+from bot.sessions import Place
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_SCRIPT = "```python\nprint(42)``` Then more words, said the model."
-PING_SCRIPT = "Hi @everyone and <@&1234567890> look!"
 
 
 @dataclass
@@ -55,16 +53,6 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         yield World(emu, guild, general, random, secret, alice, bob, tmp_path / "data")
 
 
-@pytest.fixture(scope="module")
-def code_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_script_llama(tmp_path_factory.mktemp("code-model"), CODE_SCRIPT)
-
-
-@pytest.fixture(scope="module")
-def ping_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_script_llama(tmp_path_factory.mktemp("ping-model"), PING_SCRIPT)
-
-
 StartBot = Callable[..., AbstractAsyncContextManager[ChatBot]]
 
 
@@ -87,21 +75,6 @@ def start_bot(world: World, tiny_llama_dir: Path) -> StartBot:
 
 async def mention(world: World, channel: Channel, author: User, text: str) -> dict[str, Any]:
     return await world.emu.send_message(channel, author, f"{world.emu.bot_user.mention} {text}")
-
-
-async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 30) -> Session:  # noqa: ASYNC109
-    """The place's current session once `turns` user messages are stored and the last has its outcome."""
-
-    async def poll() -> Session:
-        while True:
-            session = await bot.core.store.current(place)
-            if session is not None and session.turns >= turns:
-                last = session.messages[-1]
-                if last.role == "assistant" or last.status != "ok":
-                    return session
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), timeout)
 
 
 def channel_place(world: World, channel: Channel) -> Place:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +12,7 @@ import pytest
 import torch
 from fake_openai import DieAfter, Endless, FakeOpenAIServer, Reply, Status
 from model_fixtures import llama2_tokenizer_dir
-from openai_server import RunningServer, free_port, transformers_server
+from openai_server import RunningServer, free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.chat import TurnInput
@@ -48,11 +48,10 @@ async def collect(stream: AsyncIterator[str]) -> list[str]:
     return [delta async for delta in stream]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """One `transformers serve` for the module; it serves SmolLM2 and the tiny LLaMA from their folders."""
-    with transformers_server(tmp_path_factory.mktemp("serve")) as running:
-        yield running
+@pytest.fixture
+def server(openai_server: RunningServer) -> RunningServer:
+    """The session's `transformers serve` (tests/conftest.py); it serves SmolLM2 and the tiny LLaMA."""
+    return openai_server
 
 
 @pytest.fixture
