@@ -62,11 +62,22 @@ async def run_bot(settings: Settings) -> None:
         ) from None
 
 
+def check_start_up(settings: Settings) -> None:
+    """GPU-only loading options and the Prometheus endpoint, checked before anything loads."""
+    from bot.engine.loading import check_loading_supported
+    from bot.metrics import check_prometheus_supported
+
+    check_loading_supported(settings)
+    check_prometheus_supported(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-8s %(name)s: %(message)s")
     try:
         settings = load_settings(args.config)
+        if args.command != "import-history":
+            check_start_up(settings)
         if args.command == "chat":
             asyncio.run(run_chat(settings))
         elif args.command == "import-history":

@@ -10,15 +10,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import discord
+import yarl
 from discord.ext import commands
+from discord.gateway import DiscordWebSocket
 
-from bot.config import Settings
-from bot.core import Core, open_core
+from bot.config import DISCORD_API_BASE, Settings
+from bot.core import Core, build_engine, open_core
 from bot.discord_text import no_pings
+from bot.metrics import BotMetrics, prometheus_endpoint, with_token_count
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.chat", "cogs.sessions")
+EXTENSIONS = ("cogs.chat", "cogs.sessions", "cogs.status")
 
 
 def chat_intents() -> discord.Intents:
@@ -43,8 +46,14 @@ class ChatBot(commands.AutoShardedBot):
         settings: Settings,
         core: Core,
         extensions: Sequence[str] = EXTENSIONS,
+        metrics: BotMetrics | None = None,
         **options: Any,
     ) -> None:
+        d = settings.discord
+        if d.shard_count is not None:  # else discord.py asks Discord for its recommended count
+            options.setdefault("shard_count", d.shard_count)
+            if d.shard_ids:
+                options.setdefault("shard_ids", list(d.shard_ids))
         super().__init__(
             # Slash commands and mentions only: no prefix commands, so no text is ever parsed as one.
             command_prefix=commands.when_mentioned,
@@ -55,9 +64,15 @@ class ChatBot(commands.AutoShardedBot):
         )
         self.settings = settings
         self.core = core
+        self.metrics = metrics or BotMetrics(settings=settings, engine=core.engine, store=core.store)
         self.initial_extensions = tuple(extensions)
 
     async def setup_hook(self) -> None:
+        if self.shard_count is not None and self.settings.discord.api_base.rstrip("/") != DISCORD_API_BASE:
+            # With a shard_count, discord.py skips GET /gateway/bot and dials Discord's own gateway; behind another
+            # API base (a proxy, the test emulator) the gateway is wherever that API says it is.
+            _, url, _ = await self.http.get_bot_gateway()
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
         # A cog that fails to load raises here and stops start-up: every cog is required.
         for extension in self.initial_extensions:
             await self.load_extension(extension)
@@ -142,7 +157,12 @@ async def run_discord_bot(settings: Settings, *, token: str) -> None:
     stop = asyncio.Event()
     # Installed before the model loads, so a stop during a long load is graceful too.
     with stop_requested_by_signals(stop):
-        async with open_core(settings) as core, ChatBot(settings=settings, core=core) as bot:
+        engine = with_token_count(build_engine(settings))
+        async with (
+            open_core(settings, engine=engine) as core,
+            ChatBot(settings=settings, core=core) as bot,
+            prometheus_endpoint(settings, bot.metrics),
+        ):
             if stop.is_set():
                 log.info("stopped before connecting to Discord")
                 return

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from bot.errors import ConfigError
@@ -23,6 +25,7 @@ DISCORD_API_BASE = "https://discord.com/api/v10"
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 PromptFormatName = Literal["auto", "llama2", "template"]
 Backend = Literal["local", "openai"]
+Quantization = Literal["none", "4bit", "8bit"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,8 @@ class DiscordSettings:
     allowed_role_ids: tuple[int, ...] = ()
     blocked_user_ids: tuple[int, ...] = ()
     newchat_system_prompt_role_ids: tuple[int, ...] = ()
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class ModelSettings:
     api_key_env: str = "OPENAI_API_KEY"
     tokenizer: str | None = None
     request_timeout: float = 120.0
+    quantization: Quantization = "none"
+    # accelerate's per-device budget: GPU index ("0") or "cpu"/"disk" -> size such as "20GiB".
+    max_memory: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -80,11 +88,18 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    prometheus_port: int = 0
+    prometheus_addr: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Settings:
     discord: DiscordSettings = field(default_factory=DiscordSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
 
     def secret(self, env_name: str) -> str | None:
@@ -106,6 +121,7 @@ _SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "chat": ChatSettings,
     "storage": StorageSettings,
+    "metrics": MetricsSettings,
 }
 
 # The [discord] lists of IDs that say who may use the bot where (bot/admission.py reads them).
@@ -116,6 +132,11 @@ ACCESS_LISTS = (
     "blocked_user_ids",
     "newchat_system_prompt_role_ids",
 )
+
+# accelerate's max_memory: GPU indices and these device names, sizes such as "20GiB" or "1.5 GB".
+MAX_MEMORY_DEVICES = frozenset({"cpu", "disk", "mps"})
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)
+ACCELERATE_DEVICE_MAPS = frozenset({"auto", "balanced", "balanced_low_0", "sequential"})
 
 # Keys that look like secrets are refused in the file itself: a token in a TOML ends up in backups.
 _SECRET_KEYS = frozenset({"token", "discord_token", "hf_token", "api_key"})
@@ -204,6 +225,10 @@ def _coerce(hint: Any, value: Any, source: Path | str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(source, key, f"must be a list, got {type(value).__name__}")
         return tuple(_coerce(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(source, key, f"must be a table such as {{ a = 1 }}, got {type(value).__name__}")
+        return MappingProxyType({k: _coerce(args[1], v, source, f"{key}.{k}") for k, v in value.items()})
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(source, key, "must be a non-empty path string")
@@ -252,6 +277,18 @@ def _check_values(s: Settings, source: Path | str) -> None:
     require(m.backend != "openai" or bool(m.base_url), "model.base_url", 'is required when backend = "openai"')
     require(all(u.startswith(("http://", "https://")) for u in m.base_url), "model.base_url", "must be http(s) URLs")
     require(m.request_timeout > 0, "model.request_timeout", "must be positive")
+    for device, size in m.max_memory.items():
+        require(
+            device.isdigit() or device in MAX_MEMORY_DEVICES,
+            f"model.max_memory.{device}",
+            'must be keyed by a GPU index ("0", "1", ...) or "cpu", "disk", "mps"',
+        )
+        require(bool(_SIZE.match(size.strip())), f"model.max_memory.{device}", 'must be a size such as "20GiB"')
+    require(
+        not m.max_memory or m.device_map in ACCELERATE_DEVICE_MAPS,
+        "model.max_memory",
+        f"needs model.device_map to be one of {', '.join(sorted(ACCELERATE_DEVICE_MAPS))}",
+    )
     d = s.discord
     require(d.api_base.startswith(("http://", "https://")), "discord.api_base", "must be an http(s) URL")
     require(bool(d.token_env), "discord.token_env", "must name an environment variable")
@@ -260,5 +297,15 @@ def _check_values(s: Settings, source: Path | str) -> None:
     require(all(g > 0 for g in d.guild_ids), "discord.guild_ids", "must be positive Discord IDs")
     for key in ACCESS_LISTS:
         require(all(i > 0 for i in getattr(d, key)), f"discord.{key}", "must be positive Discord IDs")
+    require(d.shard_count is None or d.shard_count > 0, "discord.shard_count", "must be positive")
+    require(not d.shard_ids or d.shard_count is not None, "discord.shard_ids", "needs discord.shard_count")
+    require(
+        all(0 <= i < (d.shard_count or 0) for i in d.shard_ids),
+        "discord.shard_ids",
+        "must be shard numbers from 0 to shard_count - 1",
+    )
+    require(len(set(d.shard_ids)) == len(d.shard_ids), "discord.shard_ids", "must not repeat a shard")
+    require(0 <= s.metrics.prometheus_port < 65536, "metrics.prometheus_port", "must be a TCP port (0 = off)")
+    require(bool(s.metrics.prometheus_addr.strip()), "metrics.prometheus_addr", "must not be empty")
     require(s.chat.max_message_chars > 0, "chat.max_message_chars", "must be positive")
     require(s.chat.rate_limit_per_minute >= 0, "chat.rate_limit_per_minute", "must be >= 0 (0 turns the limit off)")

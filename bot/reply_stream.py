@@ -14,6 +14,8 @@ from bot.discord_text import MESSAGE_LIMIT, no_pings, take_chunk
 log = logging.getLogger(__name__)
 
 EMPTY_ANSWER = "(The model gave an empty answer.)"
+# Shown after text that is still being written; the final edit, made once the answer is stored, drops it.
+STREAMING_MARK = " \u258c"
 
 
 class StreamingReply:
@@ -42,13 +44,14 @@ class StreamingReply:
 
     async def feed(self, delta: str) -> None:
         self.pending += delta
-        while len(self.pending) > MESSAGE_LIMIT:
+        # Room for the streaming mark, so a message being written never goes over the limit.
+        while len(self.pending) > MESSAGE_LIMIT - len(STREAMING_MARK):
             chunk, self.pending = take_chunk(self.pending)
             await self._show(chunk)
             self._current = None  # that message is full: the rest goes into a new one
             self._shown = ""
         if self.pending.strip() and self.clock() - self._last_edit >= self.edit_interval:
-            await self._show(self.pending)
+            await self._show(self.pending.rstrip() + STREAMING_MARK)
 
     async def finish(self) -> None:
         text = self.pending.strip()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RESTARTING = "I'm restarting; please ask again in a minute."
 TURN_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 EMPTY_HINT = "Send me some text and I'll answer it."
 ATTACHMENTS_NOT_READ = "I can't read attachments; please paste the text into your message."
@@ -106,8 +107,11 @@ class ChatCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        turn = None if self.stopping else self.turn_text(message)
+        turn = self.turn_text(message)
         if turn is None:
+            return
+        if self.stopping:
+            await self.reply(message, RESTARTING)
             return
         place, text = turn
         refusal = self.access.check(asker_of(message.channel, message.author))
@@ -178,15 +182,18 @@ class ChatCog(commands.Cog):
         reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, ping_author=settings.ping_author)
         request = TurnInput(place=place, author_id=message.author.id, text=text, message_id=message.id)
         try:
-            async with message.channel.typing(), self.chat.turn(request) as turn:
+            # The turn first: it queues for the session's lock in message order (typing() awaits Discord, whose
+            # replies come back in any order).
+            async with self.chat.turn(request) as turn, message.channel.typing():
                 if turn.queued_ahead:
                     await reply.note(f"*queued: {turn.queued_ahead} ahead*")
                 async for delta in turn.stream():
                     await reply.feed(delta)
-                await reply.finish()
-                if ticket is not None:
-                    # The user sees the whole answer now; a next message waits only for history to be written.
-                    ticket.release()
+            if ticket is not None:
+                ticket.release()
+            # Only now, with the exchange in history, does the user see the answer without the streaming mark:
+            # an answer shown as final is never lost to a crash.
+            await reply.finish()
         except BotError as exc:
             log.info("turn in %s refused or failed: %s", place.key, exc)
             await self.tell(reply, exc.user_message)

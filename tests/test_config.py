@@ -26,7 +26,7 @@ def test_example_config_loads_with_defaults() -> None:
 def test_example_config_names_every_key() -> None:
     text = (REPO / "config.example.toml").read_text()
     defaults = Settings()
-    for section in ("discord", "model", "chat", "storage"):
+    for section in ("discord", "model", "chat", "storage", "metrics"):
         for name in vars(getattr(defaults, section)):
             assert f"{name} =" in text, f"config.example.toml does not document {section}.{name}"
 
@@ -66,6 +66,13 @@ def test_values_are_typed_and_frozen(tmp_path: Path) -> None:
         ("[model]\nname = ''\n", "model.name", "empty"),
         ("model = 3\n", "model", "table"),
         ("[model\n", "-", "not valid TOML"),
+        ("[model]\nquantization = '3bit'\n", "model.quantization", "one of"),
+        ("[model]\nmax_memory = ['20GiB']\n", "model.max_memory", "table"),
+        ("[model]\nmax_memory = { cpu = 20 }\n", "model.max_memory.cpu", "string"),
+        ("[model]\nmax_memory = { cuda = '2GiB' }\n", "model.max_memory.cuda", "GPU index"),
+        ("[discord]\nshard_ids = [0]\n", "discord.shard_ids", "shard_count"),
+        ("[metrics]\nprometheus_port = 70000\n", "metrics.prometheus_port", "TCP port"),
+        ("[metrics]\nport = 9000\n", "metrics.port", "unknown key"),
     ],
 )
 def test_every_error_names_file_and_key(tmp_path: Path, text: str, key: str, words: str) -> None:
@@ -84,9 +91,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     assert "nope.toml" in str(info.value)
 
 
-def test_secrets_come_from_the_named_environment_variable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_secrets_come_from_the_named_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[discord]\ntoken_env = 'MY_BOT_TOKEN'\n")
     settings = load_settings(path)
     monkeypatch.delenv("MY_BOT_TOKEN", raising=False)

@@ -22,6 +22,7 @@ from script_model import CODE_SCRIPT, expected_answer
 
 from bot.client import ChatBot
 from bot.history import HistoryStore
+from bot.reply_stream import STREAMING_MARK
 from bot.sessions import Place
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,9 @@ async def test_the_answer_streams_through_edits_and_history_keeps_the_final_text
     assert all(e.json["allowed_mentions"] == {"parse": []} for e in edits)
     shown = [emu.calls("POST", rf"/channels/{world.general.id}/messages")[0].json["content"]]
     shown += [e.json["content"] for e in edits]
+    # While it is written the text ends with the streaming mark; the last edit, once stored, is the answer.
+    assert all(text.endswith(STREAMING_MARK) for text in shown[:-1])
+    shown = [text.removesuffix(STREAMING_MARK) for text in shown]
     assert all(len(a) <= len(b) for a, b in itertools.pairwise(shown))
     final = expected_answer(CODE_SCRIPT, 300).strip()
     assert session.messages[-1].content == final

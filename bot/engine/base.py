@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -76,6 +76,7 @@ class EngineStats:
     reused_tokens: int = 0  # prompt tokens taken from a session's cached KV instead
     cached_sessions: int = 0
     cache_bytes: int = 0
+    tokens_generated: int = 0  # answer tokens streamed (0 from an engine whose counts_tokens is False)
 
 
 class Engine(ABC):
@@ -85,6 +86,8 @@ class Engine(ABC):
     context_length: int
     # None only for a remote engine without a local tokenizer: prompts then go to the server as messages.
     tokenizer: PreTrainedTokenizerBase | None
+    # Whether stats.tokens_generated is kept by the engine itself; bot.metrics counts for engines that do not.
+    counts_tokens: ClassVar[bool] = False
 
     @abstractmethod
     async def start(self) -> None:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.engine.base import Engine, EngineStats, GenerationRequest
 from bot.engine.kv_cache import SessionKVCache
+from bot.engine.loading import model_load_kwargs
 from bot.engine.scheduler import StepCounters, StepScheduler
 from bot.engine.streams import DONE, RequestStream
 from bot.errors import EngineDeadError, GenerationFailedError, PromptTooLongError, QueueFullError
@@ -187,8 +188,7 @@ class LocalEngine(Engine):
             if s.gguf_file:
                 common["gguf_file"] = s.gguf_file
             tokenizer = AutoTokenizer.from_pretrained(s.name, **common)
-            dtype = "auto" if s.dtype == "auto" else getattr(torch, s.dtype)
-            model = AutoModelForCausalLM.from_pretrained(s.name, dtype=dtype, device_map=s.device_map, **common)
+            model = AutoModelForCausalLM.from_pretrained(s.name, **model_load_kwargs(s), **common)
         model.eval()
         tokenizer.padding_side = "left"
         eos = model.generation_config.eos_token_id

@@ -73,6 +73,9 @@ class _Retryable(Exception):
 class RemoteEngine(Engine):
     """Streams answers from one or more OpenAI-compatible servers; `base_url` lists the replicas."""
 
+    # One streamed chunk is one token: vLLM, TGI, llama.cpp's server and transformers serve send a chunk per token.
+    counts_tokens = True
+
     def __init__(
         self,
         settings: ModelSettings,
@@ -99,6 +102,7 @@ class RemoteEngine(Engine):
         self._responses: set[aiohttp.ClientResponse] = set()
         self._rng = random.Random()
         self._stats = EngineStats()
+        self._tokens = 0
 
     @property
     def waiting(self) -> int:
@@ -111,7 +115,7 @@ class RemoteEngine(Engine):
     @property
     def stats(self) -> EngineStats:
         """`requests` sent; each is its own batch here, and `largest_batch` is the most in flight at once."""
-        return self._stats
+        return dataclasses.replace(self._stats, tokens_generated=self._tokens)
 
     @property
     def uses_completions(self) -> bool:
@@ -163,6 +167,7 @@ class RemoteEngine(Engine):
             # aclosing: a consumer that leaves closes the inner streams (and so the connection) now, not at GC.
             async with contextlib.aclosing(self._with_retries(request, chat)) as deltas:
                 async for delta in deltas:
+                    self._tokens += 1
                     yield delta
         finally:
             self._in_flight -= 1

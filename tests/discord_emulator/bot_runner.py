@@ -28,8 +28,9 @@ async def run_bot(
 ) -> AsyncIterator[None]:
     """Logs `client` in against `emu`, connects it, waits for on_ready; closes it on exit.
 
-    The client must not be given a shard_count: discord.py then asks GET /gateway/bot for the
-    gateway URL, which is how it finds the emulator's websocket.
+    Without a shard_count discord.py asks GET /gateway/bot for the gateway URL, which is how it finds the
+    emulator's websocket. With one it dials Discord's own gateway instead, unless the client points
+    discord.py at the URL from GET /gateway/bot itself (our ChatBot does when its api_base is not Discord's).
     """
     previous_base = discord.http.Route.BASE
     discord.http.Route.BASE = emu.api_base

@@ -31,6 +31,14 @@ class SnowflakeFactory:
         self._last = max(candidate, self._last + 1)
         return self._last
 
+    def on_shard(self, shard_id: int, shard_count: int) -> int:
+        """A snowflake whose guild belongs to `shard_id`: (id >> 22) % shard_count picks a guild's shard."""
+        snowflake = self()
+        while (snowflake >> 22) % shard_count != shard_id:
+            snowflake = ((snowflake >> 22) + 1) << 22
+        self._last = snowflake
+        return snowflake
+
 
 @dataclass
 class User:

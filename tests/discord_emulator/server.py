@@ -176,9 +176,18 @@ class DiscordEmulator:
         return self.store.add_user(username, bot=bot)
 
     def add_guild(
-        self, name: str = "test guild", *, owner: User | None = None, bot_permissions: int = perms.DEFAULT_BOT
+        self,
+        name: str = "test guild",
+        *,
+        owner: User | None = None,
+        bot_permissions: int = perms.DEFAULT_BOT,
+        shard_id: int | None = None,
     ) -> Guild:
-        return self.store.add_guild(name, owner=owner, bot_permissions=bot_permissions)
+        """A guild; `shard_id` picks an ID whose events go to that shard (of this emulator's shard_count)."""
+        if shard_id is not None and not 0 <= shard_id < self.shard_count:
+            raise ValueError(f"shard_id {shard_id} is not below shard_count {self.shard_count}")
+        shard = None if shard_id is None else (shard_id, self.shard_count)
+        return self.store.add_guild(name, owner=owner, bot_permissions=bot_permissions, shard=shard)
 
     def add_role(self, guild: Guild, name: str, permissions: int = 0) -> Role:
         return self.store.add_role(guild, name, permissions)

@@ -90,8 +90,10 @@ class Store:
         self.users[user.id] = user
         return user
 
-    def add_guild(self, name: str, *, owner: User | None, bot_permissions: int) -> Guild:
-        guild_id = self.snowflake()
+    def add_guild(
+        self, name: str, *, owner: User | None, bot_permissions: int, shard: tuple[int, int] | None = None
+    ) -> Guild:
+        guild_id = self.snowflake() if shard is None else self.snowflake.on_shard(*shard)
         owner_id = owner.id if owner else self.add_user(f"{name}-owner").id
         guild = Guild(guild_id, name, owner_id)
         guild.roles[guild_id] = Role(guild_id, "@everyone", perms.DEFAULT_EVERYONE)
