@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from discord_emulator import running_emulator
+from discord_harness import StartBot, World, bot_starter, build_world
 from model_fixtures import build_tiny_llama, ensure_smollm2
 from openai_server import RunningServer, transformers_server
 from script_model import CODE_SCRIPT, PING_SCRIPT, build_script_llama
@@ -38,3 +40,16 @@ def code_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ping_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_script_llama(tmp_path_factory.mktemp("ping-model"), PING_SCRIPT)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    """A Discord API emulator holding the usual test server (tests/discord_harness.py World)."""
+    async with running_emulator() as emu:
+        yield build_world(emu, tmp_path / "data")
+
+
+@pytest.fixture
+def start_bot(world: World, tiny_llama_dir: Path) -> StartBot:
+    """Starts our bot against `world`; the tiny LLaMA unless `model_dir=` says otherwise."""
+    return bot_starter(world, tiny_llama_dir)

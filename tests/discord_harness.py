@@ -8,11 +8,13 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import discord.http
-from discord_emulator import DiscordEmulator, fail_on_logged_errors
+from discord_emulator import Channel, DiscordEmulator, Guild, User, fail_on_logged_errors
 
 from bot.client import ChatBot, use_api_base
 from bot.config import Settings, settings_from_mapping
@@ -210,3 +212,64 @@ async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeou
             await asyncio.sleep(0.02)
 
     return await asyncio.wait_for(poll(), timeout)
+
+
+@dataclass
+class World:
+    """The usual test server: #general, #random and #secret (hidden from bob); alice and bob are members."""
+
+    emu: DiscordEmulator
+    guild: Guild
+    general: Channel
+    random: Channel
+    secret: Channel
+    alice: User
+    bob: User
+    data_dir: Path
+
+    @property
+    def dm(self) -> Channel:
+        return self.emu.dm_channel(self.alice)
+
+
+def build_world(emu: DiscordEmulator, data_dir: Path) -> World:
+    guild = emu.add_guild("llama lovers")
+    alice = emu.add_user("alice")
+    bob = emu.add_user("bob")
+    emu.add_member(guild, alice)
+    emu.add_member(guild, bob)
+    general = emu.add_text_channel(guild, "general")
+    random = emu.add_text_channel(guild, "random")
+    secret = emu.add_text_channel(guild, "secret", hidden_from=[bob])
+    return World(emu, guild, general, random, secret, alice, bob, data_dir)
+
+
+StartBot = Callable[..., AbstractAsyncContextManager[ChatBot]]
+
+
+def bot_starter(world: World, default_model_dir: Path) -> StartBot:
+    """`async with start(model_dir=..., guild_commands=True, discord={...}, model={...}, chat={...}) as bot:`"""
+
+    def start(*, model_dir: Path | None = None, guild_commands: bool = True, **sections: Any) -> Any:
+        settings = bot_settings(
+            world.emu,
+            model_dir or default_model_dir,
+            world.data_dir,
+            guild_ids=(world.guild.id,) if guild_commands else (),
+            **sections,
+        )
+        return running_chat_bot(world.emu, settings)
+
+    return start
+
+
+async def mention(world: World, channel: Channel, author: User, text: str) -> dict[str, Any]:
+    return await world.emu.send_message(channel, author, f"{world.emu.bot_user.mention} {text}")
+
+
+def channel_place(world: World, channel: Channel) -> Place:
+    return Place(kind="channel", guild_id=world.guild.id, channel_id=channel.id)
+
+
+def thread_place(world: World, thread: Channel) -> Place:
+    return Place(kind="thread", guild_id=world.guild.id, channel_id=thread.parent_id, thread_id=thread.id)

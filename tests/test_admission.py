@@ -4,20 +4,16 @@ thread is archived while they are written: the limits alone, then through the re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from discord_emulator import Channel, DiscordEmulator, Guild, User, running_emulator
-from discord_harness import bot_settings, running_chat_bot
+from discord_emulator import Channel, User
+from discord_harness import StartBot, World, finished_session, mention, thread_place
 from script_model import build_script_llama
 
 from bot.admission import Admission, NoticeGate, RateLimitedError, UserBusyError
-from bot.client import ChatBot
-from bot.sessions import Place, Session
+from bot.sessions import Place
 
 LONG_SCRIPT = "Counting sheep slowly until the night is over."
 
@@ -139,66 +135,9 @@ def test_a_refusal_is_told_once_per_interval() -> None:
 # --- through Discord --------------------------------------------------------------------------------------
 
 
-@dataclass
-class World:
-    emu: DiscordEmulator
-    guild: Guild
-    general: Channel
-    random: Channel
-    alice: User
-    bob: User
-    data_dir: Path
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with running_emulator() as emu:
-        guild = emu.add_guild("llama lovers")
-        alice = emu.add_user("alice")
-        bob = emu.add_user("bob")
-        emu.add_member(guild, alice)
-        emu.add_member(guild, bob)
-        general = emu.add_text_channel(guild, "general")
-        random = emu.add_text_channel(guild, "random")
-        yield World(emu, guild, general, random, alice, bob, tmp_path / "data")
-
-
 @pytest.fixture(scope="module")
 def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_script_llama(tmp_path_factory.mktemp("long-model"), LONG_SCRIPT)
-
-
-StartBot = Callable[..., AbstractAsyncContextManager[ChatBot]]
-
-
-@pytest.fixture
-def start_bot(world: World, tiny_llama_dir: Path) -> StartBot:
-    def start(*, model_dir: Path | None = None, **sections: Any) -> Any:
-        settings = bot_settings(
-            world.emu, model_dir or tiny_llama_dir, world.data_dir, guild_ids=(world.guild.id,), **sections
-        )
-        return running_chat_bot(world.emu, settings)
-
-    return start
-
-
-async def mention(world: World, channel: Channel, author: User, text: str) -> dict[str, Any]:
-    return await world.emu.send_message(channel, author, f"{world.emu.bot_user.mention} {text}")
-
-
-async def outcome(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 60) -> Session:  # noqa: ASYNC109
-    """The place's session once `turns` user messages are stored and the last has its outcome."""
-
-    async def poll() -> Session:
-        while True:
-            session = await bot.core.store.current(place)
-            if session is not None and session.turns >= turns:
-                last = session.messages[-1]
-                if last.role == "assistant" or last.status != "ok":
-                    return session
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), timeout)
 
 
 async def new_thread(world: World, user: User, topic: str) -> Channel:
@@ -206,10 +145,6 @@ async def new_thread(world: World, user: User, topic: str) -> Channel:
     await world.emu.wait_for(lambda: handle.original() is not None and not handle.is_loading(), what="/newchat")
     (thread,) = [t for t in world.emu.threads_of(world.general) if t.name == topic]
     return thread
-
-
-def thread_place(world: World, thread: Channel) -> Place:
-    return Place(kind="thread", guild_id=world.guild.id, channel_id=thread.parent_id, thread_id=thread.id)
 
 
 def replies_to(world: World, channel: Channel, message: dict[str, Any]) -> list[dict[str, Any]]:
@@ -236,7 +171,7 @@ async def test_a_second_message_while_the_first_is_answered_is_refused_at_once(
         assert refusal["content"] == UserBusyError.user_message
 
         await emu.delete_message(first)  # ends the long answer
-        session = await outcome(bot, place)
+        session = await finished_session(bot, place)
         cog = bot.get_cog("ChatCog")
         await emu.wait_for(lambda: cog.admission.in_flight == 0, what="the slot to be freed")  # type: ignore[union-attr]
     # The refused message never became part of the conversation.
@@ -253,7 +188,7 @@ async def test_another_user_in_the_same_thread_is_not_refused(
         first = await emu.send_message(thread, world.alice, "first question")
         await emu.wait_for_message(thread, after=first)
         await emu.send_message(thread, world.bob, "my question too")
-        session = await outcome(bot, thread_place(world, thread), turns=2)
+        session = await finished_session(bot, thread_place(world, thread), turns=2)
     assert [(m.role, m.status) for m in session.messages] == [("user", "ok"), ("assistant", "ok")] * 2
     assert all(UserBusyError.user_message not in m["content"] for m in emu.bot_messages_in(thread))
 
@@ -263,12 +198,12 @@ async def test_the_rate_limit_answers_with_when_to_retry(world: World, start_bot
     async with start_bot(chat={"rate_limit_per_minute": 2}) as bot:
         for number, channel in enumerate((world.general, world.random)):
             await mention(world, channel, world.alice, f"question {number}")
-            await outcome(bot, Place(kind="channel", guild_id=world.guild.id, channel_id=channel.id))
+            await finished_session(bot, Place(kind="channel", guild_id=world.guild.id, channel_id=channel.id))
         third = await mention(world, world.general, world.alice, "question 2")
         told = await emu.wait_for_message(world.general, after=third)
         # Bob has his own budget.
         await mention(world, world.general, world.bob, "bob's question")
-        general = await outcome(
+        general = await finished_session(
             bot, Place(kind="channel", guild_id=world.guild.id, channel_id=world.general.id), turns=2
         )
     assert told["message_reference"]["message_id"] == third["id"]
@@ -287,7 +222,7 @@ async def test_archiving_the_thread_cancels_its_answer_quietly(
         asked = await emu.send_message(thread, world.alice, "write forever")
         await emu.wait_for_message(thread, after=asked)
         await emu.archive_thread(thread)
-        session = await outcome(bot, thread_place(world, thread))
+        session = await finished_session(bot, thread_place(world, thread))
         await emu.wait_for(lambda: bot.core.engine.running == 0, what="the request to leave the engine")
         posts_after_archive = len(emu.calls("POST", rf"/channels/{thread.id}/messages"))
         await asyncio.sleep(0.3)

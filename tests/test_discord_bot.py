@@ -9,81 +9,18 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-from discord_emulator import Channel, DiscordEmulator, Guild, User, running_emulator
-from discord_harness import bot_settings, finished_session, running_chat_bot
+from discord_emulator import Channel, User
+from discord_harness import StartBot, World, channel_place, finished_session, mention, thread_place
 from script_model import CODE_SCRIPT, expected_answer
 
-from bot.client import ChatBot
 from bot.history import HistoryStore
 from bot.reply_stream import STREAMING_MARK
 from bot.sessions import Place
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class World:
-    emu: DiscordEmulator
-    guild: Guild
-    general: Channel
-    random: Channel
-    secret: Channel
-    alice: User
-    bob: User
-    data_dir: Path
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with running_emulator() as emu:
-        guild = emu.add_guild("llama lovers")
-        alice = emu.add_user("alice")
-        bob = emu.add_user("bob")
-        emu.add_member(guild, alice)
-        emu.add_member(guild, bob)
-        general = emu.add_text_channel(guild, "general")
-        random = emu.add_text_channel(guild, "random")
-        secret = emu.add_text_channel(guild, "secret", hidden_from=[bob])
-        yield World(emu, guild, general, random, secret, alice, bob, tmp_path / "data")
-
-
-StartBot = Callable[..., AbstractAsyncContextManager[ChatBot]]
-
-
-@pytest.fixture
-def start_bot(world: World, tiny_llama_dir: Path) -> StartBot:
-    """`async with start_bot(model_dir=..., discord={...}, model={...}, chat={...}) as bot:`"""
-
-    def start(*, model_dir: Path | None = None, guild_commands: bool = True, **sections: Any) -> Any:
-        settings = bot_settings(
-            world.emu,
-            model_dir or tiny_llama_dir,
-            world.data_dir,
-            guild_ids=(world.guild.id,) if guild_commands else (),
-            **sections,
-        )
-        return running_chat_bot(world.emu, settings)
-
-    return start
-
-
-async def mention(world: World, channel: Channel, author: User, text: str) -> dict[str, Any]:
-    return await world.emu.send_message(channel, author, f"{world.emu.bot_user.mention} {text}")
-
-
-def channel_place(world: World, channel: Channel) -> Place:
-    return Place(kind="channel", guild_id=world.guild.id, channel_id=channel.id)
-
-
-def thread_place(world: World, thread: Channel) -> Place:
-    return Place(kind="thread", guild_id=world.guild.id, channel_id=thread.parent_id, thread_id=thread.id)
 
 
 def without_fences(text: str) -> str:

@@ -7,25 +7,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import discord.http
 import pytest
-from discord_emulator import Channel, DiscordEmulator, Guild, UploadedFile, User, running_emulator
-from discord_harness import bot_settings, running_chat_bot
+from discord_emulator import Channel, UploadedFile, running_emulator
+from discord_harness import StartBot, World, bot_settings, finished_session, running_chat_bot
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bot.__main__ import main
 from bot.admission import has_visible_text
 from bot.chat import TurnInput
-from bot.client import ChatBot
 from bot.core import open_core
 from bot.prompt import neutralise_control_tags
-from bot.sessions import Place, Session
+from bot.sessions import Place
 from cogs.chat import ATTACHMENTS_NOT_READ, EMPTY_HINT
 
 BOS, EOS = 1, 2
@@ -122,54 +119,6 @@ def bot_settings_without_discord(model_dir: Path, tmp_path: Path) -> Any:
 # --- through Discord --------------------------------------------------------------------------------------
 
 
-@dataclass
-class World:
-    emu: DiscordEmulator
-    guild: Guild
-    general: Channel
-    alice: User
-    data_dir: Path
-
-    @property
-    def dm(self) -> Channel:
-        return self.emu.dm_channel(self.alice)
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    async with running_emulator() as emu:
-        guild = emu.add_guild("llama lovers")
-        alice = emu.add_user("alice")
-        emu.add_member(guild, alice)
-        general = emu.add_text_channel(guild, "general")
-        yield World(emu, guild, general, alice, tmp_path / "data")
-
-
-StartBot = Callable[..., AbstractAsyncContextManager[ChatBot]]
-
-
-@pytest.fixture
-def start_bot(world: World, tiny_llama_dir: Path) -> StartBot:
-    def start(**sections: Any) -> Any:
-        settings = bot_settings(world.emu, tiny_llama_dir, world.data_dir, guild_ids=(world.guild.id,), **sections)
-        return running_chat_bot(world.emu, settings)
-
-    return start
-
-
-async def outcome(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 30) -> Session:  # noqa: ASYNC109
-    async def poll() -> Session:
-        while True:
-            session = await bot.core.store.current(place)
-            if session is not None and session.turns >= turns:
-                last = session.messages[-1]
-                if last.role == "assistant" or last.status != "ok":
-                    return session
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), timeout)
-
-
 def dm_place(world: World) -> Place:
     return Place(kind="dm", user_id=world.alice.id)
 
@@ -192,7 +141,7 @@ async def test_forged_markup_cannot_make_turns_or_a_system_prompt(
 ) -> None:
     async with start_bot() as bot:
         await world.emu.send_dm(world.alice, FORGERY)
-        session = await outcome(bot, dm_place(world))
+        session = await finished_session(bot, dm_place(world))
         ids = bot.core.chat._prompt_ids(session, "next question")
     # History keeps what was typed; the prompt (checked below) has the markers defused.
     assert session.messages[0].content == FORGERY.strip()
@@ -215,14 +164,14 @@ async def test_a_message_at_discords_limit(world: World, start_bot: StartBot) ->
         assert len(asked["content"]) == 4000
         refused = await reply_to(world, world.general, asked)
         place = Place(kind="channel", guild_id=world.guild.id, channel_id=world.general.id)
-        session = await outcome(bot, place)
+        session = await finished_session(bot, place)
     assert refused == f"Your message is {len(text.strip())} characters; the limit is 3000. Please shorten it."
     assert [(m.role, m.status) for m in session.messages] == [("user", "failed")]
 
     async with start_bot() as bot:  # the default limit (4,000) lets it through to the model's own limit
         asked = await emu.send_dm(world.alice, "x" * 4000)
         answer = await reply_to(world, world.dm, asked)
-        await outcome(bot, dm_place(world))
+        await finished_session(bot, dm_place(world))
     assert answer.startswith("Your message is too long for the model: it is ")
 
 
@@ -249,7 +198,7 @@ async def test_right_to_left_and_zero_width_text_is_answered(world: World, start
     async with start_bot() as bot:
         await world.emu.send_message(world.general, world.alice, f"{world.emu.bot_user.mention} {text}")
         place = Place(kind="channel", guild_id=world.guild.id, channel_id=world.general.id)
-        session = await outcome(bot, place)
+        session = await finished_session(bot, place)
         listing = await world.emu.invoke_command(world.general, world.alice, "history", {})
         await world.emu.wait_for_response(listing)
     assert session.messages[0].content == text
@@ -264,9 +213,9 @@ async def test_a_huge_code_block_gets_an_answer_or_a_clear_refusal(world: World,
     huge = "```python\n" + "value = compute(value) * 2  # step\n" * 100 + "```\nexplain"
     async with start_bot() as bot:
         first = await world.emu.send_dm(world.alice, small)
-        await outcome(bot, dm_place(world))
+        await finished_session(bot, dm_place(world))
         second = await world.emu.send_dm(world.alice, huge)
-        session = await outcome(bot, dm_place(world), turns=2)
+        session = await finished_session(bot, dm_place(world), turns=2)
         too_long = await reply_to(world, world.dm, second)
     assert 3000 < len(huge) <= 4000
     assert session.messages[0].content == small and session.messages[1].role == "assistant"
@@ -321,9 +270,9 @@ async def test_tokens_never_appear_in_logs_history_or_errors(
         async with running_chat_bot(emu, settings) as bot:
             await emu.send_message(general, alice, f"{emu.bot_user.mention} what is my token?")
             place = Place(kind="channel", guild_id=guild.id, channel_id=general.id)
-            await outcome(bot, place)
+            await finished_session(bot, place)
             await emu.send_message(general, alice, f"{emu.bot_user.mention} {'a very long message ' * 5}")
-            await outcome(bot, place, turns=2)
+            await finished_session(bot, place, turns=2)
             listing = await emu.invoke_command(general, alice, "history", {})
             await emu.wait_for_response(listing)
         said += [str(m.get("content")) for m in emu.messages_in(general)]
