@@ -6,7 +6,7 @@ import logging
 import re
 import secrets
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
@@ -142,13 +142,7 @@ class Place:
         return f"{self.kind}:{self.user_id}"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "guild_id": self.guild_id,
-            "channel_id": self.channel_id,
-            "thread_id": self.thread_id,
-            "user_id": self.user_id,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: object) -> Place:
@@ -182,14 +176,7 @@ class StoredMessage:
         _choice(self.status, "message.status", MESSAGE_STATUSES)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "role": self.role,
-            "content": self.content,
-            "author_id": self.author_id,
-            "created_at": self.created_at,
-            "discord_message_id": self.discord_message_id,
-            "status": self.status,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: object) -> StoredMessage:
