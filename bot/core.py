@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from bot.chat import ChatService
 from bot.config import Settings
 from bot.engine import Engine, LocalEngine, RemoteEngine
+from bot.errors import ConfigError
 from bot.history import HistoryStore
 from bot.prompt import select_format
 
@@ -28,13 +29,33 @@ class Core:
 async def open_core(settings: Settings, *, engine: Engine | None = None) -> AsyncIterator[Core]:
     """Open the history store and start the engine (built from settings unless one is given)."""
     engine = engine or build_engine(settings)
-    async with HistoryStore(settings.storage.data_dir) as store, engine:
+    async with HistoryStore(settings.storage.data_dir) as store, started(engine, settings):
         prompt_format = None
         if engine.tokenizer is not None:
             prompt_format = select_format(engine.tokenizer, settings.model.name, settings.model.prompt_format)
         log.info("prompt format: %s", type(prompt_format).__name__ if prompt_format else "messages to the server")
         chat = ChatService(settings=settings, store=store, engine=engine, prompt_format=prompt_format)
         yield Core(settings=settings, store=store, engine=engine, chat=chat)
+
+
+@asynccontextmanager
+async def started(engine: Engine, settings: Settings) -> AsyncIterator[Engine]:
+    """The engine, started; a model that cannot be loaded (not found, no access, no network) is a clear
+    start-up error naming `[model] name`, not a stack trace."""
+    try:
+        await engine.start()
+    except OSError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            settings.source or "<config>",
+            "model.name",
+            f"cannot load {settings.model.name!r}: {first_line} (a gated model such as LLaMA-2 needs HF_TOKEN "
+            "and its licence accepted on Hugging Face; or set name to a local folder)",
+        ) from exc
+    try:
+        yield engine
+    finally:
+        await engine.close()
 
 
 def build_engine(settings: Settings) -> Engine:

@@ -76,3 +76,12 @@ def test_running_the_bot_without_a_token_says_which_variable(tmp_path: Path) -> 
     result = run_bot(config)
     assert result.returncode == 2
     assert "LLAMA_DISCORD_TEST_TOKEN" in result.stderr and "[discord.token_env]" in result.stderr
+
+
+def test_a_model_that_cannot_be_loaded_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\nname = "{tmp_path / "no-such-model"}"\n')
+    result = run_bot(config, "chat")
+    assert result.returncode == 2
+    assert "[model.name]" in result.stderr and "cannot load" in result.stderr
+    assert "Traceback" not in result.stderr
