@@ -17,7 +17,7 @@ from discord.gateway import DiscordWebSocket
 from bot.config import DISCORD_API_BASE, Settings
 from bot.core import Core, build_engine, open_core
 from bot.discord_text import no_pings
-from bot.metrics import BotMetrics, prometheus_endpoint, with_token_count
+from bot.metrics import BotMetrics, prometheus_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ async def run_discord_bot(settings: Settings, *, token: str) -> None:
     stop = asyncio.Event()
     # Installed before the model loads, so a stop during a long load is graceful too.
     with stop_requested_by_signals(stop):
-        engine = with_token_count(build_engine(settings))
+        engine = build_engine(settings)  # both engines count their own tokens (Engine.counts_tokens)
         async with (
             open_core(settings, engine=engine) as core,
             ChatBot(settings=settings, core=core) as bot,

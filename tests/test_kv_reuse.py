@@ -9,7 +9,7 @@ import torch
 
 from bot.config import ModelSettings
 from bot.engine import GenerationRequest, LocalEngine, SamplingParams
-from bot.engine.kv_cache import SessionKVCache, common_prefix
+from bot.engine.kv_cache import MIN_SHARED_TOKENS, SessionKVCache, SlotBatch, common_prefix
 from bot.prompt import Exchange, Llama2Format
 
 USER_TURNS = (
@@ -119,3 +119,68 @@ def test_session_cache_evicts_least_recently_used_within_budget() -> None:
     cache.put("huge", list(range(40)), fake_layers(40))  # larger than the whole budget: not kept
     assert cache.reusable("huge", list(range(41))) == 0
     assert len(cache) == 3
+
+
+def row_cache(values: list[float], layers: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    slots = torch.tensor(values).reshape(1, 1, len(values), 1)
+    return [(slots.clone(), -slots.clone()) for _ in range(layers)]
+
+
+def test_slot_batch_keeps_each_rows_tokens_through_joins_steps_removals_and_growth() -> None:
+    batch = SlotBatch(row_cache([0.0]))
+    batch.add([row_cache([1.0, 2.0]), row_cache([3.0])])
+    # A longer row joins: the running rows get a hole instead of being moved.
+    batch.add([row_cache([4.0, 5.0, 6.0, 7.0])])
+    assert (batch.rows, batch.end - batch.start) == (3, 4)
+    expected = [[1.0, 2.0], [3.0], [4.0, 5.0, 6.0, 7.0]]
+    for step in range(100):  # past the first capacity, so the buffers grow and compact
+        batch.step_mask()
+        value = 10.0 + step
+        for layer in batch.cache.layers:
+            layer.update(torch.full((batch.rows, 1, 1, 1), value), torch.full((batch.rows, 1, 1, 1), -value))
+        batch.advance(1)
+        for row in expected:
+            row.append(value)
+        if step == 50:
+            assert batch.row_layers(0)[1][0].flatten().tolist() == expected[0]
+            batch.remove(0)  # the last row moves into its place
+            expected = [expected[2], expected[1]]
+    for i, row in enumerate(expected):
+        keys, values = batch.row_layers(i)[0]
+        assert keys.flatten().tolist() == row
+        assert values.flatten().tolist() == [-x for x in row]
+    assert int(batch.step_mask().sum()) == sum(len(row) + 1 for row in expected)
+
+
+def test_shared_prefix_is_reused_across_sessions_and_never_handed_out() -> None:
+    cache = SessionKVCache(budget_bytes=100_000)
+    head = list(range(100, 100 + MIN_SHARED_TOKENS + 4))
+    cache.share(head, fake_layers(len(head)))
+    assert len(cache) == 0  # not a session
+    prompt = [*head[:-2], 7, 8]
+    assert cache.reusable("new", prompt) == len(head) - 2
+    taken = cache.take("new", prompt)
+    assert taken is not None and taken[0][0].flatten().tolist() == [float(i) for i in range(len(head) - 2)]
+    assert cache.reusable("other", prompt) == len(head) - 2  # still there for the next one
+    assert cache.reusable("short", [*head[: MIN_SHARED_TOKENS - 1], 1]) == 0  # too short a match to bother
+
+
+async def test_prompts_with_a_common_head_share_its_prefill_and_answer_as_alone(tiny_llama_dir: Path) -> None:
+    fmt_system = SYSTEM * 4  # a long shared system prompt
+    async with LocalEngine(settings(tiny_llama_dir, budget_mb=64)) as engine:
+        fmt = Llama2Format(engine.tokenizer)
+        prompts = [tuple(fmt.encode(fmt_system, [], user)) for user in USER_TURNS]
+
+        async def answer(ids: tuple[int, ...]) -> str:
+            request = GenerationRequest(ids, SamplingParams(max_new_tokens=12))
+            return "".join([d async for d in engine.generate(request)])
+
+        together = await asyncio.gather(*(answer(p) for p in prompts))
+        assert engine.stats.reused_tokens >= (len(prompts) - 1) * MIN_SHARED_TOKENS
+    async with LocalEngine(settings(tiny_llama_dir, budget_mb=0)) as plain:
+        alone = [
+            "".join([d async for d in plain.generate(GenerationRequest(p, SamplingParams(max_new_tokens=12)))])
+            for p in prompts
+        ]
+        assert plain.stats.reused_tokens == 0
+    assert together == alone

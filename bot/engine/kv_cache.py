@@ -1,9 +1,10 @@
 """KV caches: the running batch's (rows with masked slots) and the recent sessions' (LRU within a memory budget).
 
 A cache is a list of (keys, values) per layer, each shaped [batch, kv_heads, slots, head_dim], as transformers'
-DynamicCache holds them. The batch cache lets rows have holes: a slot whose mask is 0 holds no token of that row
-(left padding, or the gap between a reused prefix and the new tokens of a shorter prompt). Positions are passed to
-the model explicitly, so a hole costs memory and attention work but never changes a row's result.
+DynamicCache holds them. Batch caches let rows have holes: a slot whose mask is 0 holds no token of that row (left
+padding, the gap between a reused prefix and the new tokens of a shorter prompt, slots written before a longer row
+joined). Positions are passed to the model explicitly, so a hole costs memory and attention work but never changes
+a row's result. A prefill runs on a DynamicCache of the joining rows; the running batch lives in a SlotBatch.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -59,51 +61,138 @@ def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(mask, (width - mask.shape[-1], 0)) if mask.shape[-1] < width else mask
 
 
-@dataclass
-class BatchKV:
-    """The running batch's cache; `mask[row, slot]` is 1 where that row has a token."""
+class _SlotLayer(DynamicLayer):
+    """One layer of a SlotBatch, seen by the model as a cache: writes go into the batch's buffers in place."""
 
-    cache: DynamicCache
-    mask: torch.Tensor  # long, [rows, slots]
+    def __init__(self, batch: SlotBatch, index: int) -> None:
+        super().__init__()
+        self._batch = batch
+        self._index = index
+        self.is_initialized = True
 
-    @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self._batch
+        end = b.end + key_states.shape[-2]
+        keys, values = b.keys[self._index], b.values[self._index]
+        keys[: b.rows, :, b.end : end] = key_states
+        values[: b.rows, :, b.end : end] = value_states
+        self.keys = keys[: b.rows, :, b.start : end]
+        self.values = values[: b.rows, :, b.start : end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._batch.end - self._batch.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class SlotBatch:
+    """The running batch's cache in preallocated buffers, so a decode step writes one slot instead of copying.
+
+    Buffers are [rows, kv_heads, slots, head_dim] per layer. Every row writes its next token at slot `end`; a row's
+    earlier tokens sit in [start, end) in order, `mask[row, slot]` 1 where that row has a token (holes: left padding,
+    or slots written before a longer row joined). Positions go to the model explicitly, so a hole costs attention
+    work, never a different result. A row that leaves is swap-removed (one row copied); the buffers grow by half again
+    and are compacted (holes squeezed out) only when full, so copies are amortized over many steps.
+    """
+
+    def __init__(self, like: Layers) -> None:
+        k0 = like[0][0]
+        self._heads, self._dim = k0.shape[1], k0.shape[3]
+        self._dtype, self._device = k0.dtype, k0.device
+        self._layers = len(like)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
+        self.rows = 0
+        self.start = 0
+        self.end = 0
+        self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(self._layers)])
+
+    def step_mask(self) -> torch.Tensor:
+        """Make room for one more slot in every row, marked used; the running rows' mask including it."""
+        self._reserve(self.rows, self.end + 1)
+        self.mask[: self.rows, self.end] = 1
+        return self.mask[: self.rows, self.start : self.end + 1]
+
+    def advance(self, tokens: int) -> None:
+        """The model wrote `tokens` slots at `end` in every layer: move past them."""
+        self.end += tokens
+
+    def add(self, rows: Sequence[Layers]) -> None:
+        """Append rows, each a compact batch-1 cache, right-aligned at `end` (which moves right if one is longer)."""
+        lengths = [r[0][0].shape[-2] for r in rows]
+        end = max(self.end, self.start + max(lengths))
+        # Existing rows get a hole before their next token instead of a copy.
+        self._reserve(self.rows + len(rows), end)
+        end = max(self.end, self.start + max(lengths))  # _reserve may have compacted
+        self.mask[: self.rows, self.end : end] = 0
+        self.end = end
+        for offset, (layers, n) in enumerate(zip(rows, lengths, strict=True)):
+            row = self.rows + offset
+            for i, (k, v) in enumerate(layers):
+                self.keys[i][row, :, end - n : end] = k[0]
+                self.values[i][row, :, end - n : end] = v[0]
+            self.mask[row, self.start : end] = 0
+            self.mask[row, end - n : end] = 1
+        self.rows += len(rows)
 
     def row_layers(self, row: int) -> Layers:
-        """One row's real slots as a compact cache of batch 1 (a copy: the batch may drop the row next)."""
-        slots = self.mask[row].nonzero().squeeze(-1)
+        """One row's tokens as a compact cache of batch 1 (a copy: the row is removed next)."""
+        slots = self.mask[row, self.start : self.end].nonzero().squeeze(-1) + self.start
         return [
             (k[row : row + 1].index_select(-2, slots), v[row : row + 1].index_select(-2, slots))
-            for k, v in cache_layers(self.cache)
+            for k, v in zip(self.keys, self.values, strict=True)
         ]
 
-    def keep(self, rows: Sequence[int], config: PretrainedConfig) -> BatchKV | None:
-        """The batch of the given rows only, without the leading slots none of them uses; None when empty."""
-        if not rows:
-            return None
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        used = mask.any(0).nonzero()
-        first = int(used[0]) if used.numel() else mask.shape[1]
-        layers = [
-            (k.index_select(0, index)[..., first:, :], v.index_select(0, index)[..., first:, :])
-            for k, v in cache_layers(self.cache)
-        ]
-        return BatchKV(make_cache(config, layers), mask[:, first:])
+    def remove(self, row: int) -> None:
+        """Drop a row; the last row moves into its place (callers reorder their rows the same way)."""
+        last = self.rows - 1
+        span = slice(self.start, self.end)
+        if row != last:
+            for t in (*self.keys, *self.values):
+                t[row, :, span] = t[last, :, span]
+            self.mask[row, span] = self.mask[last, span]
+        self.mask[last, span] = 0
+        self.rows = last
+        if self.rows == 0:
+            self.start = self.end = 0
+            return
+        # Leading slots no remaining row uses: skip them rather than attend over them.
+        used = self.mask[: self.rows, span].any(0).nonzero()
+        self.start += int(used[0]) if used.numel() else 0
 
-    def merge(self, other: BatchKV, config: PretrainedConfig) -> BatchKV:
-        """Both batches as one: the narrower is left-padded to the wider's slots."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [
-            (
-                torch.cat([_pad_slots(k1, width), _pad_slots(k2, width)]),
-                torch.cat([_pad_slots(v1, width), _pad_slots(v2, width)]),
-            )
-            for (k1, v1), (k2, v2) in zip(cache_layers(self.cache), cache_layers(other.cache), strict=True)
-        ]
-        mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(other.mask, width)])
-        return BatchKV(make_cache(config, layers), mask)
+    def _reserve(self, rows: int, end: int) -> None:
+        cap_rows, cap_slots = self.mask.shape
+        if rows <= cap_rows and end <= cap_slots:
+            return
+        needed = end - self.start
+        # Grow by half again; a buffer full of holes and skipped slots is compacted within its own size.
+        slots = cap_slots if needed <= cap_slots // 2 else max(needed + needed // 2, 64)
+        self._compact(cap_rows if rows <= cap_rows else max(rows, 2 * cap_rows), slots)
+
+    def _compact(self, cap_rows: int, cap_slots: int) -> None:
+        """Move every row into new buffers of the given capacity, holes squeezed out, rows right-aligned."""
+        old_keys, old_values, old_mask = self.keys, self.values, self.mask
+        lengths = old_mask[: self.rows, self.start : self.end].sum(1).tolist()
+        width = max(lengths, default=0)
+        shape = (cap_rows, self._heads, cap_slots, self._dim)
+        # Zeros, not empty: a masked slot's value is multiplied by a zero weight, and garbage could be NaN.
+        self.keys = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._layers)]
+        self.values = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._layers)]
+        self.mask = torch.zeros((cap_rows, cap_slots), dtype=torch.long, device=self._device)
+        for row, length in enumerate(lengths):
+            slots = old_mask[row, self.start : self.end].nonzero().squeeze(-1) + self.start
+            for new, old in zip((*self.keys, *self.values), (*old_keys, *old_values), strict=True):
+                new[row, :, width - length : width] = old[row].index_select(-2, slots)
+            self.mask[row, width - length : width] = 1
+        self.start, self.end = 0, width
 
 
 def stack_prefixes(prefixes: Sequence[Layers | None], device: torch.device) -> tuple[Layers | None, torch.Tensor]:
@@ -133,40 +222,61 @@ class _Entry:
     nbytes: int
 
 
+# A shared prefix is used only when it covers at least this many tokens: below it a lookup saves next to nothing.
+MIN_SHARED_TOKENS = 16
+# Recent prompts kept as shared prefixes (their common heads, such as a system prompt, are prefilled once).
+MAX_SHARED_PREFIXES = 8
+_SHARED = "\0shared:"  # key prefix of shared entries; no session id starts with a NUL
+
+
 class SessionKVCache:
-    """The KV caches of recent sessions within a memory budget, least recently used evicted first.
+    """The KV caches of recent sessions, and of a few recent prompts shared by all requests (vLLM's prefix caching
+    in small), within one memory budget, least recently used evicted first.
 
     Used by the worker thread only. A session's entry leaves the store while its next turn runs (that turn owns
-    the cache and hands back the longer one when it ends), so one cache is never shared by two requests.
+    the cache and hands back the longer one when it ends), so one cache is never shared by two requests; a shared
+    entry is only read (a prefill copies what it reuses), never written.
     """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._shared: list[str] = []  # keys of shared entries, oldest first
         self._nbytes = 0
+        self._next_shared = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Sessions stored (shared prefixes not counted)."""
+        return len(self._entries) - len(self._shared)
 
     @property
     def nbytes(self) -> int:
         return self._nbytes
 
     def reusable(self, session_id: str | None, prompt: Sequence[int]) -> int:
-        """How many leading tokens of `prompt` the session's cache holds (always leaving one to feed)."""
+        """How many leading tokens of `prompt` a cache holds (always leaving one to feed)."""
+        return max(self.owned(session_id, prompt), self._best_shared(prompt)[0])
+
+    def owned(self, session_id: str | None, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` the session's own cache holds (always leaving one to feed)."""
         entry = self._entries.get(session_id) if session_id is not None else None
         if entry is None:
             return 0
         return min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
 
     def take(self, session_id: str | None, prompt: Sequence[int]) -> Layers | None:
-        """Remove the session's cache; return its part that `prompt` extends (None if no token matches)."""
-        n = self.reusable(session_id, prompt)
+        """Remove the session's cache; return the longest cached part that `prompt` extends (None if none)."""
+        own = self.owned(session_id, prompt)
+        shared, key = self._best_shared(prompt)
         entry = self._pop(session_id)
-        if entry is None:
-            return None
-        if n == 0:
-            log.debug("session %s: prompt does not extend its cached %d tokens; dropped", session_id, len(entry.tokens))
+        if key is not None and shared > own:
+            entry, n = self._entries[key], shared
+            self._entries.move_to_end(key)
+        elif entry is not None and own > 0:
+            n = own
+        else:
+            if entry is not None:
+                log.debug("session %s: prompt does not extend its cached %d tokens", session_id, len(entry.tokens))
             return None
         # Tokens past the common prefix are a different continuation (the last generated token was never fed,
         # a re-encoded answer may split differently, trimmed history starts elsewhere): crop them.
@@ -174,24 +284,51 @@ class SessionKVCache:
 
     def put(self, session_id: str, tokens: Sequence[int], layers: Layers) -> None:
         self._pop(session_id)
-        nbytes = layers_nbytes(layers)
-        if nbytes > self.budget_bytes:
+        self._store(session_id, tokens, layers)
+
+    def share(self, tokens: Sequence[int], layers: Layers) -> None:
+        """Keep a prompt's cache for any request that starts the same way, unless one already covers it."""
+        if len(tokens) < MIN_SHARED_TOKENS or self._best_shared(tokens, leave=0)[0] >= len(tokens):
             return
-        self._entries[session_id] = _Entry(tuple(tokens), layers, nbytes)
-        self._nbytes += nbytes
-        while self._nbytes > self.budget_bytes:
-            evicted, entry = self._entries.popitem(last=False)
-            self._nbytes -= entry.nbytes
-            log.debug("session %s: KV cache of %d tokens evicted", evicted, len(entry.tokens))
+        key = f"{_SHARED}{self._next_shared}"
+        self._next_shared += 1
+        if self._store(key, tokens, layers):
+            self._shared.append(key)
+            while len(self._shared) > MAX_SHARED_PREFIXES:
+                self._pop(self._shared[0])
 
     def clear(self) -> None:
         self._entries.clear()
+        self._shared.clear()
         self._nbytes = 0
 
-    def _pop(self, session_id: str | None) -> _Entry | None:
-        if session_id is None:
+    def _best_shared(self, prompt: Sequence[int], leave: int = 1) -> tuple[int, str | None]:
+        best, best_key = 0, None
+        for key in self._shared:
+            n = min(common_prefix(self._entries[key].tokens, prompt), len(prompt) - leave)
+            if n > best:
+                best, best_key = n, key
+        return (best, best_key) if best >= MIN_SHARED_TOKENS else (0, None)
+
+    def _store(self, key: str, tokens: Sequence[int], layers: Layers) -> bool:
+        nbytes = layers_nbytes(layers)
+        if nbytes > self.budget_bytes:
+            return False
+        self._entries[key] = _Entry(tuple(tokens), layers, nbytes)
+        self._nbytes += nbytes
+        while self._nbytes > self.budget_bytes:
+            evicted = next(iter(self._entries))
+            entry = self._pop(evicted)
+            assert entry is not None
+            log.debug("%r: KV cache of %d tokens evicted", evicted, len(entry.tokens))
+        return True
+
+    def _pop(self, key: str | None) -> _Entry | None:
+        if key is None:
             return None
-        entry = self._entries.pop(session_id, None)
+        entry = self._entries.pop(key, None)
         if entry is not None:
             self._nbytes -= entry.nbytes
+            if key.startswith(_SHARED):
+                self._shared.remove(key)
         return entry

@@ -1,7 +1,8 @@
 """LocalEngine: a transformers model on one worker thread, serving requests by continuous batching.
 
 The worker loops: admit waiting requests into the running batch (one prefill forward for all that join, each
-starting from its session's cached prefix when the prompt extends it), then one decode step for every running row.
+starting from its session's cached prefix when the prompt extends it, or from a shared prefix such as the system
+prompt), then one decode step for every running row.
 A row leaves the batch when it ends (EOS, its own max_new_tokens, its consumer gone) and hands its KV cache to the
 session store for the next turn. The model work itself lives in scheduler.py.
 """
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 class LocalEngine(Engine):
     """Runs a Hugging Face causal LM in this process, on one dedicated worker thread."""
+
+    counts_tokens = True  # the scheduler counts every generated token in stats.tokens_generated
 
     def __init__(
         self,
@@ -92,6 +95,7 @@ class LocalEngine(Engine):
             reused_tokens=c.reused_tokens,
             cached_sessions=len(self._sessions),
             cache_bytes=self._sessions.nbytes,
+            tokens_generated=c.tokens_generated,
         )
 
     async def start(self) -> None:

@@ -31,38 +31,82 @@ class RequestStream:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def finish(self, error: BaseException | None = None) -> None:
-        """Deliver the last item, once (worker thread only)."""
+    def finish(self, error: BaseException | None = None, outbox: Outbox | None = None) -> None:
+        """Deliver the last item, once (worker thread only); through `outbox` when given."""
         if not self.closed:
             self.closed = True
-            self.push(DONE if error is None else error)
+            item = DONE if error is None else error
+            if outbox is None:
+                self.push(item)
+            else:
+                outbox.put(self, item)
+
+
+class Outbox:
+    """Items for many streams, handed to their event loops with one call per loop and step.
+
+    Each call_soon_threadsafe wakes the loop through its self-pipe and takes the GIL: once per step instead of
+    once per row and token keeps the loop free while a big batch decodes.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[RequestStream, object]] = []
+
+    def put(self, stream: RequestStream, item: object) -> None:
+        self._items.append((stream, item))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, object]]] = {}
+        for stream, item in self._items:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[RequestStream, object]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
 
 
 class DeltaText:
-    """Turns an answer's token ids into text deltas for a stream."""
+    """Turns an answer's token ids into text deltas for a stream, decoding a few tokens per step.
 
-    def __init__(self, stream: RequestStream, tokenizer: PreTrainedTokenizerBase) -> None:
+    The answer is decoded in a sliding window (vLLM's detokenizer): the text of ids[prefix:] minus that of
+    ids[prefix:read] is what the newest tokens added. Starting the window a few tokens back keeps word-boundary
+    spaces right without decoding the whole answer every step.
+    """
+
+    def __init__(self, stream: RequestStream, tokenizer: PreTrainedTokenizerBase, outbox: Outbox) -> None:
         self._stream = stream
         self._tokenizer = tokenizer
+        self._outbox = outbox
         self._ids: list[int] = []
-        self._text = ""
+        self._prefix = 0  # where the decoded window starts
+        self._read = 0  # tokens whose text was sent
 
     def add(self, token: int) -> None:
         self._ids.append(token)
-        text = self._decode()
-        # Hold back while the last token ends inside a multi-byte character.
-        if not text.endswith(_INCOMPLETE_CHAR):
-            self._emit(text)
+        self._emit(final=False)
 
     def flush(self) -> None:
         """Send whatever text was held back."""
-        self._emit(self._decode())
+        self._emit(final=True)
 
-    def _decode(self) -> str:
-        # Decoding the whole answer each step (not token by token) keeps word-boundary spaces right.
-        return self._tokenizer.decode(self._ids, skip_special_tokens=True)
+    def _emit(self, *, final: bool) -> None:
+        if self._read == len(self._ids):
+            return
+        seen = self._decode(self._prefix, self._read)
+        text = self._decode(self._prefix, len(self._ids))
+        # Hold back while the last token ends inside a multi-byte character.
+        if len(text) > len(seen) and (final or not text.endswith(_INCOMPLETE_CHAR)):
+            self._outbox.put(self._stream, text[len(seen) :])
+            self._prefix, self._read = self._read, len(self._ids)
 
-    def _emit(self, text: str) -> None:
-        if len(text) > len(self._text):
-            self._stream.push(text[len(self._text) :])
-            self._text = text
+    def _decode(self, start: int, end: int) -> str:
+        if start == end:
+            return ""
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
