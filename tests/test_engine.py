@@ -1,4 +1,5 @@
-"""LocalEngine on a tiny random-weight LLaMA: streaming, batching, per-row stops, cancellation and failures."""
+"""LocalEngine on a tiny random-weight LLaMA: streaming, batching, per-row stops, cancellation, failures
+(out-of-memory splits included) and the fair order of waiting requests."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.config import ModelSettings
 from bot.engine import GenerationRequest, LocalEngine, SamplingParams
+from bot.engine.streams import FairQueue, RequestStream
 from bot.errors import EngineDeadError, GenerationFailedError, PromptTooLongError, QueueFullError
 
 PROMPTS = (
@@ -392,3 +394,138 @@ async def test_start_raises_what_loading_raised(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         await engine.start()
     await engine.close()
+
+
+class OutOfMemory:
+    """A forward pre-hook that raises torch.OutOfMemoryError as a GPU would: on calls over more than `max_rows`
+    rows from call `from_call` on, and on any call holding a position at or past `max_position`."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, max_rows: int = 1 << 30, from_call: int = 1, max_position: int = 1 << 30
+    ):
+        self.calls = 0
+        self.raised = 0
+        self.max_rows = max_rows
+        self.from_call = from_call
+        self.max_position = max_position
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: object, kwargs: dict[str, Any]) -> None:
+        self.calls += 1
+        rows = kwargs["input_ids"].shape[0]
+        too_many = self.calls >= self.from_call and rows > self.max_rows
+        if too_many or int(kwargs["position_ids"].max()) >= self.max_position:
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@pytest.mark.parametrize(
+    ("from_call", "max_rows"),
+    [(1, 1), (3, 2)],
+    ids=["prefill-split-to-single-rows", "decode-split-in-halves-mid-generation"],
+)
+async def test_out_of_memory_splits_the_batch_and_answers_as_without_it(
+    engine: LocalEngine,
+    prompt_ids: list[tuple[int, ...]],
+    reference: Callable[..., str],
+    from_call: int,
+    max_rows: int,
+) -> None:
+    gate, blocker = await hold_worker(engine)
+    oom = OutOfMemory(engine.model, max_rows=max_rows, from_call=from_call)
+    tasks = [asyncio.create_task(collect(engine, request(ids, max_new_tokens=16))) for ids in prompt_ids]
+    await until(lambda: engine.waiting == len(prompt_ids))
+    gate.remove()
+    results = await asyncio.gather(*tasks)
+    await blocker
+    oom.remove()
+
+    assert oom.raised > 0
+    for ids, deltas in zip(prompt_ids, results, strict=True):
+        assert "".join(deltas) == reference(ids, 16)
+    assert engine.stats.requests == len(prompt_ids) + 1  # a retried prefill is not a new request
+    # Later batches run whole again.
+    assert "".join(await collect(engine, request(prompt_ids[0]))) == reference(prompt_ids[0], 12)
+
+
+async def test_a_row_out_of_memory_alone_fails_with_a_clear_sentence_and_the_others_answer(
+    engine: LocalEngine, prompt_ids: list[tuple[int, ...]], reference: Callable[..., str]
+) -> None:
+    limit = 100
+    too_big_to_prefill = (1,) + (15043,) * (limit + 20)
+    too_big_after_3_tokens = (1,) + (3186,) * (limit - 4)  # positions 0..96: runs out at its 4th decode step
+    gate, blocker = await hold_worker(engine)
+    oom = OutOfMemory(engine.model, max_position=limit)
+    normal = [asyncio.create_task(collect(engine, request(ids, max_new_tokens=16))) for ids in prompt_ids[:3]]
+    doomed = [
+        asyncio.create_task(collect(engine, request(ids, max_new_tokens=30)))
+        for ids in (too_big_to_prefill, too_big_after_3_tokens)
+    ]
+    await until(lambda: engine.waiting == 5)
+    gate.remove()
+    results = await asyncio.gather(*normal)
+    await blocker
+    for task in doomed:
+        with pytest.raises(GenerationFailedError) as info:
+            await task
+        assert "too big for the GPU's memory right now" in info.value.user_message
+    oom.remove()
+
+    for ids, deltas in zip(prompt_ids[:3], results, strict=True):
+        assert "".join(deltas) == reference(ids, 16)
+    assert (engine.waiting, engine.running) == (0, 0)
+    assert "".join(await collect(engine, request(prompt_ids[1]))) == reference(prompt_ids[1], 12)
+
+
+async def test_a_burst_from_one_session_does_not_starve_another(
+    tiny_llama_dir: Path, prompt_ids: list[tuple[int, ...]]
+) -> None:
+    async with LocalEngine(model_settings(tiny_llama_dir, max_batch_size=1)) as engine:
+        gate, blocker = await hold_worker(engine)
+        finished: list[str] = []
+
+        async def run(label: str, session: str) -> None:
+            req = GenerationRequest(prompt_ids[0], SamplingParams(max_new_tokens=2), session_id=session)
+            await collect(engine, req)
+            finished.append(label)
+
+        tasks = [asyncio.create_task(run(f"A{i}", "session-a")) for i in range(5)]
+        await until(lambda: engine.waiting == 5)
+        tasks.append(asyncio.create_task(run("B", "session-b")))
+        await until(lambda: engine.waiting == 6)
+        gate.remove()
+        await asyncio.gather(blocker, *tasks)
+
+    # One at a time (max_batch_size 1), so the order they finished in is the order they ran in.
+    assert finished == ["A0", "B", "A1", "A2", "A3", "A4"]
+
+
+async def test_fair_queue_serves_the_group_served_least_recently_first() -> None:
+    loop = asyncio.get_running_loop()
+
+    def stream(session: str | None) -> RequestStream:
+        return RequestStream(GenerationRequest((1, 2), SamplingParams(1), session_id=session), loop)
+
+    queue = FairQueue()
+    a1, a2, a3, anonymous, b1 = stream("a"), stream("a"), stream("a"), stream(None), stream("b")
+    queue.push(a1)
+    assert queue.pop() is a1  # still running: "a" counts as just served
+    for s in (a2, a3, anonymous, b1):
+        queue.push(s)
+    assert queue.peek() is anonymous  # never served, and older than b1
+    assert [queue.pop(), queue.pop()] == [anonymous, b1]
+    queue.forget(a3)  # abandoned while waiting
+    assert len(queue) == 1
+    assert queue.pop() is a2
+    with pytest.raises(IndexError):
+        queue.peek()
+    for s in (a1, a2, a3, anonymous):
+        queue.forget(s)
+    # Every "a" request has left: "a" is new again, and comes before "b", whose b1 still runs.
+    b2, a4 = stream("b"), stream("a")
+    queue.push(b2)
+    queue.push(a4)
+    assert queue.pop() is a4

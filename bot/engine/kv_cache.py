@@ -79,10 +79,10 @@ class _SlotLayer(DynamicLayer):
         b = self._batch
         end = b.end + key_states.shape[-2]
         keys, values = b.keys[self._index], b.values[self._index]
-        keys[: b.rows, :, b.end : end] = key_states
-        values[: b.rows, :, b.end : end] = value_states
-        self.keys = keys[: b.rows, :, b.start : end]
-        self.values = values[: b.rows, :, b.start : end]
+        keys[b.lo : b.hi, :, b.end : end] = key_states
+        values[b.lo : b.hi, :, b.end : end] = value_states
+        self.keys = keys[b.lo : b.hi, :, b.start : end]
+        self.values = values[b.lo : b.hi, :, b.start : end]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -113,11 +113,20 @@ class SlotBatch:
         self.rows = 0
         self.start = 0
         self.end = 0
+        self.lo = self.hi = 0  # the rows a forward call through `cache` runs (step_mask, select)
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(self._layers)])
 
+    def select(self, lo: int, hi: int) -> Cache:
+        """The cache as the rows [lo, hi) see it, for a forward call over only those rows (an out-of-memory split)."""
+        self.lo, self.hi = lo, hi
+        return self.cache
+
     def step_mask(self) -> torch.Tensor:
-        """Make room for one more slot in every row, marked used; the running rows' mask including it."""
+        """Make room for one more slot in every row, marked used; the running rows' mask including it.
+
+        `cache` then runs every row, until select() narrows it."""
         self._reserve(self.rows, self.end + 1)
+        self.lo, self.hi = 0, self.rows
         self.mask[: self.rows, self.end] = 1
         return self.mask[: self.rows, self.start : self.end + 1]
 
@@ -184,14 +193,16 @@ class SlotBatch:
         width = max(lengths, default=0)
         shape = (cap_rows, self._heads, cap_slots, self._dim)
         # Zeros, not empty: a masked slot's value is multiplied by a zero weight, and garbage could be NaN.
-        self.keys = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._layers)]
-        self.values = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._layers)]
-        self.mask = torch.zeros((cap_rows, cap_slots), dtype=torch.long, device=self._device)
+        keys = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._layers)]
+        values = [torch.zeros(shape, dtype=self._dtype, device=self._device) for _ in range(self._layers)]
+        mask = torch.zeros((cap_rows, cap_slots), dtype=torch.long, device=self._device)
         for row, length in enumerate(lengths):
             slots = old_mask[row, self.start : self.end].nonzero().squeeze(-1) + self.start
-            for new, old in zip((*self.keys, *self.values), (*old_keys, *old_values), strict=True):
+            for new, old in zip((*keys, *values), (*old_keys, *old_values), strict=True):
                 new[row, :, width - length : width] = old[row].index_select(-2, slots)
-            self.mask[row, width - length : width] = 1
+            mask[row, width - length : width] = 1
+        # Swapped in only once all is allocated: running out of memory above leaves the batch as it was.
+        self.keys, self.values, self.mask = keys, values, mask
         self.start, self.end = 0, width
 
 

@@ -2,7 +2,8 @@
 
 The worker loops: admit waiting requests into the running batch (one prefill forward for all that join, each
 starting from its session's cached prefix when the prompt extends it, or from a shared prefix such as the system
-prompt), then one decode step for every running row.
+prompt), then one decode step for every running row. Waiting requests are taken round-robin across sessions
+(streams.FairQueue), so one user's burst does not starve the others.
 A row leaves the batch when it ends (EOS, its own max_new_tokens, its consumer gone) and hands its KV cache to the
 session store for the next turn. The model work itself lives in scheduler.py.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bot.engine.base import Engine, EngineStats, GenerationRequest
 from bot.engine.kv_cache import SessionKVCache
 from bot.engine.loading import model_load_kwargs
-from bot.engine.scheduler import StepCounters, StepScheduler
-from bot.engine.streams import DONE, RequestStream
+from bot.engine.scheduler import OUT_OF_MEMORY, StepCounters, StepScheduler, free_cached_memory
+from bot.engine.streams import DONE, FairQueue, RequestStream
 from bot.errors import EngineDeadError, GenerationFailedError, PromptTooLongError, QueueFullError
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class LocalEngine(Engine):
         self._vocab_size = 0
         # Guards _waiting, _open, _closing and _dead; never held while the model runs.
         self._cond = threading.Condition()
-        self._waiting: deque[RequestStream] = deque()
+        self._waiting = FairQueue()
         self._open: set[RequestStream] = set()
         self._closing = False
         self._dead: str | None = "engine not started"
@@ -133,8 +133,7 @@ class LocalEngine(Engine):
             stream.cancelled = True
             with self._cond:
                 self._open.discard(stream)
-                if stream in self._waiting:
-                    self._waiting.remove(stream)
+                self._waiting.forget(stream)
 
     def _submit(self, request: GenerationRequest) -> RequestStream:
         with self._cond:
@@ -146,7 +145,7 @@ class LocalEngine(Engine):
             if len(self._waiting) >= self.settings.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests already waiting")
             stream = RequestStream(request, asyncio.get_running_loop())
-            self._waiting.append(stream)
+            self._waiting.push(stream)
             self._open.add(stream)
             self._cond.notify()
         return stream
@@ -252,14 +251,14 @@ class LocalEngine(Engine):
             joining: list[RequestStream] = []
             width = 0
             while self._waiting and len(scheduler.rows) + len(joining) < s.max_batch_size:
-                stream = self._waiting[0]
+                stream = self._waiting.peek()
                 ids = stream.request.prompt_ids
                 new = len(ids) - scheduler.sessions.reusable(stream.request.session_id, ids)
                 # The prefill pads every joining prompt to the longest new part: cap that padded size.
                 if joining and max(width, new) * (len(joining) + 1) > s.max_batch_tokens:
                     break
                 width = max(width, new)
-                joining.append(self._waiting.popleft())
+                joining.append(self._waiting.pop())
             return joining
 
     def _admit(self, scheduler: StepScheduler, streams: list[RequestStream]) -> None:
@@ -271,6 +270,9 @@ class LocalEngine(Engine):
         except Exception as exc:
             log.exception("prefill failed for %d joining requests", len(streams))
             _fail(streams, exc)
+        else:
+            return
+        free_cached_memory()  # outside the handler: the traceback held the failed step's tensors
 
     def _step(self, scheduler: StepScheduler) -> None:
         try:
@@ -279,6 +281,9 @@ class LocalEngine(Engine):
             rows = scheduler.drop_all()
             log.exception("decode step failed for a batch of %d requests", len(rows))
             _fail([row.stream for row in rows], exc)
+        else:
+            return
+        free_cached_memory()
 
     def _shut_down(self, reason: str) -> None:
         with self._cond:
@@ -290,8 +295,11 @@ class LocalEngine(Engine):
 
 
 def _fail(streams: Sequence[RequestStream], exc: Exception) -> None:
+    # An out-of-memory that reaches here was not cured by splitting the batch (scheduler.py), or struck outside a
+    # forward call (the batch's KV buffers growing): say so rather than "the model failed".
+    user_message = OUT_OF_MEMORY if isinstance(exc, torch.OutOfMemoryError) else None
     for stream in streams:
-        error = GenerationFailedError(f"the model raised {exc!r}")
+        error = GenerationFailedError(f"the model raised {exc!r}", user_message=user_message)
         error.__cause__ = exc
         stream.finish(error)
 

@@ -10,6 +10,16 @@ Why our own scheduler over `model(...)` calls instead of transformers' continuou
 So a step here is one forward call: a prefill of the requests that join (their reused session prefixes stacked into
 a DynamicCache), or one decode token for every running row over the batch's preallocated SlotBatch, which takes each
 step's keys and values in place (a DynamicCache would copy the whole batch's cache every step).
+
+Out of GPU memory (torch.OutOfMemoryError) in a forward call, the rows of that call are split in halves that run
+one after the other, recursively down to one row, with the allocator's cached blocks freed between tries; a row that
+runs out of memory alone fails with OUT_OF_MEMORY and the others go on. Splitting the call in place, rather than
+evicting rows to the waiting queue, keeps every row's KV where it is: nothing is copied or prefilled again (an
+eviction would need memory for the copy, or recompute the whole context), and a row's tokens are the ones it would
+have got in the full batch. Memory the split saves is the forward's own (activations, attention over the slots,
+logits), which grows with the rows of a call; the KV buffers themselves are already allocated. A prefill splits the
+joining group; a decode step splits the running rows over the SlotBatch (SlotBatch.select) and keeps running in
+chunks of the size that fitted, trying twice that again after a while, as memory may have been freed meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import torch
 
 from bot.engine.kv_cache import (
     MIN_SHARED_TOKENS,
+    Layers,
     SessionKVCache,
     SlotBatch,
     cache_layers,
@@ -32,11 +43,16 @@ from bot.engine.kv_cache import (
 )
 from bot.engine.sampler import pick_tokens
 from bot.engine.streams import DeltaText, Outbox, RequestStream
+from bot.errors import GenerationFailedError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY = "This answer was too big for the GPU's memory right now; please try again in a little while."
+# Decode steps run in chunks after an out-of-memory; after this many good steps, chunks twice as big are tried.
+GROW_CHUNK_AFTER = 32
 
 # Longer first prompts are not kept as shared prefixes: copying them costs more than the few that share them save.
 MAX_SHARED_PROMPT = 1024
@@ -59,8 +75,10 @@ class Row:
         self.generated = 0
         self.next_token = -1
         self.done = False
+        self.failed = False  # its stream got an error; its cache is not kept
         self._eos_ids = eos_ids
         self._counters = counters
+        self._outbox = outbox
         self._text = DeltaText(stream, tokenizer, outbox)
 
     @property
@@ -82,6 +100,10 @@ class Row:
             self.complete()
         else:
             self.next_token = token
+
+    def fail(self, error: BaseException) -> None:
+        self.done = self.failed = True
+        self.stream.finish(error, outbox=self._outbox)
 
     def complete(self) -> None:
         # The stream itself ends in retire(), once the row's cache is stored: a consumer that saw its answer end
@@ -126,6 +148,8 @@ class StepScheduler:
         self._batch: SlotBatch | None = None
         self.counters = counters
         self._outbox = Outbox()
+        self._chunk: int | None = None  # most rows per decode forward since an out-of-memory; None: all
+        self._good_steps = 0
 
     @property
     def _device(self) -> torch.device:
@@ -133,8 +157,12 @@ class StepScheduler:
 
     def admit(self, streams: Sequence[RequestStream]) -> list[Row]:
         """Prefill the joining requests in one forward call, take their first tokens, add them to the batch."""
+        rows = [Row(stream, self._tokenizer, self._eos_ids, self._outbox, self.counters) for stream in streams]
+        self.counters.requests += len(rows)
         try:
-            return self._admit(streams)
+            self._admit_split(rows)
+            self.retire()
+            return rows
         finally:
             self._outbox.flush()
 
@@ -145,14 +173,51 @@ class StepScheduler:
         finally:
             self._outbox.flush()
 
-    def _admit(self, streams: Sequence[RequestStream]) -> list[Row]:
-        rows = [Row(stream, self._tokenizer, self._eos_ids, self._outbox, self.counters) for stream in streams]
+    def _admit_split(self, rows: list[Row]) -> None:
+        try:
+            self._admit(rows)
+            return
+        except torch.OutOfMemoryError:
+            pass  # retried below, once the exception and the tensors its traceback holds are gone
+        free_cached_memory()
+        if len(rows) == 1:
+            log.warning("prefill of %d tokens ran out of memory alone", len(rows[0].request.prompt_ids))
+            rows[0].fail(GenerationFailedError("out of memory in a prefill of one row", user_message=OUT_OF_MEMORY))
+            return
+        half = len(rows) // 2
+        log.warning("prefill of %d rows ran out of memory; trying %d and %d", len(rows), half, len(rows) - half)
+        self._admit_split(rows[:half])
+        self._admit_split(rows[half:])
+
+    def _admit(self, rows: list[Row]) -> None:
+        """Prefill `rows` and add them to the batch; on out-of-memory, leave batch and session caches as they were."""
         prompts = [row.request.prompt_ids for row in rows]
         sharing = self.sessions.budget_bytes > 0
         if sharing:
             self._prefill_common_prefix(rows)
         fresh = [self.sessions.owned(row.request.session_id, row.request.prompt_ids) == 0 for row in rows]
         prefixes = [self.sessions.take(row.request.session_id, row.request.prompt_ids) for row in rows]
+        try:
+            compact, logits = self._prefill(rows, prefixes)
+        except torch.OutOfMemoryError:
+            # Hand the taken prefixes back, so that the halves tried next reuse them.
+            for row, prefix in zip(rows, prefixes, strict=True):
+                if prefix is not None and row.request.session_id is not None:
+                    n = prefix[0][0].shape[-2]
+                    self.sessions.put(row.request.session_id, row.request.prompt_ids[:n], prefix)
+            raise
+        for is_fresh, prompt, row_layers in zip(fresh, prompts, compact, strict=True):
+            # A conversation's first prompt starts like many others (system prompt, template): let them reuse it.
+            if sharing and is_fresh and len(prompt) <= MAX_SHARED_PROMPT:
+                self.sessions.share(prompt, row_layers)
+        self.rows.extend(rows)
+        for row, prompt in zip(rows, prompts, strict=True):
+            row.fed = list(prompt)
+        self._accept(logits, rows)
+
+    def _prefill(self, rows: Sequence[Row], prefixes: Sequence[Layers | None]) -> tuple[list[Layers], torch.Tensor]:
+        """One forward over the joining rows; their compact caches, added to the batch, and their last logits."""
+        prompts = [row.request.prompt_ids for row in rows]
         prior, prior_mask = stack_prefixes(prefixes, self._device)
         cached = [0 if p is None else p[0][0].shape[-2] for p in prefixes]
         news = [prompt[n:] for prompt, n in zip(prompts, cached, strict=True)]
@@ -169,7 +234,6 @@ class StepScheduler:
         cache = make_cache(self._model.config, prior)
         c = self.counters
         c.prefills += 1
-        c.requests += len(rows)
         c.largest_batch = max(c.largest_batch, len(self.rows) + len(rows))
         c.prefilled_tokens += sum(len(new) for new in news)
         c.reused_tokens += sum(cached)
@@ -185,19 +249,10 @@ class StepScheduler:
                 [(k[i : i + 1].index_select(-2, slots), v[i : i + 1].index_select(-2, slots)) for k, v in layers]
             )
         del cache, layers
-        for is_fresh, prompt, row_layers in zip(fresh, prompts, compact, strict=True):
-            # A conversation's first prompt starts like many others (system prompt, template): let them reuse it.
-            if sharing and is_fresh and len(prompt) <= MAX_SHARED_PROMPT:
-                self.sessions.share(prompt, row_layers)
         if self._batch is None:
             self._batch = SlotBatch(compact[0])
-        self._batch.add(compact)
-        self.rows.extend(rows)
-        for row, prompt in zip(rows, prompts, strict=True):
-            row.fed = list(prompt)
-        self._accept(logits, rows)
-        self.retire()
-        return rows
+        self._batch.add(compact)  # the last thing that may run out of memory: it grows the batch's buffers
+        return compact, logits
 
     def _prefill_common_prefix(self, rows: Sequence[Row]) -> None:
         """Prefill once the head that several joining prompts share and no cache holds yet, as a shared prefix."""
@@ -233,12 +288,57 @@ class StepScheduler:
         positions = torch.tensor([[len(row.fed)] for row in rows], dtype=torch.long)
         mask = batch.step_mask()
         self.counters.steps += 1
-        logits = self._forward(input_ids, positions, mask, batch.cache)
+        chunk = self._chunk or len(rows)
+        pieces: list[tuple[int, torch.Tensor]] = []
+        for lo in range(0, len(rows), chunk):
+            pieces += self._decode(batch, input_ids, positions, mask, lo, min(lo + chunk, len(rows)))
+        # Every row's slot was written, or belongs to a row that fails now and whose cache is not kept.
         batch.advance(1)
         for row in rows:
             row.fed.append(row.next_token)
-        self._accept(logits, rows)
+        done = {i for lo, logits in pieces for i in range(lo, lo + logits.shape[0])}
+        for i, row in enumerate(rows):
+            if i not in done:
+                row.fail(GenerationFailedError("out of memory in a decode step of one row", user_message=OUT_OF_MEMORY))
+        if pieces:
+            self._accept(torch.cat([logits for _, logits in pieces]), [rows[i] for i in sorted(done)])
+        self._note_good_step(len(rows))
         self.retire()
+
+    def _decode(
+        self,
+        batch: SlotBatch,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        lo: int,
+        hi: int,
+    ) -> list[tuple[int, torch.Tensor]]:
+        """Logits of rows [lo, hi) as (first row, logits) pieces in row order; a row out of memory alone is left out."""
+        try:
+            return [(lo, self._forward(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch.select(lo, hi)))]
+        except torch.OutOfMemoryError:
+            pass  # retried below, once the exception and the tensors its traceback holds are gone
+        free_cached_memory()
+        if hi - lo == 1:
+            log.warning("decode step ran out of memory for one row of %d slots", mask.shape[-1])
+            return []
+        mid = (lo + hi) // 2
+        self._chunk = min(self._chunk or hi - lo, hi - mid)
+        self._good_steps = 0
+        log.warning("decode step of %d rows ran out of memory; running at most %d at a time", hi - lo, self._chunk)
+        return self._decode(batch, input_ids, positions, mask, lo, mid) + self._decode(
+            batch, input_ids, positions, mask, mid, hi
+        )
+
+    def _note_good_step(self, rows: int) -> None:
+        if self._chunk is None:
+            return
+        self._good_steps += 1
+        if self._good_steps >= GROW_CHUNK_AFTER:
+            # The memory may have been another process's, or taken by rows that have left since: try bigger calls.
+            self._chunk = None if 2 * self._chunk >= rows else 2 * self._chunk
+            self._good_steps = 0
 
     def retire(self) -> None:
         """Take finished and abandoned rows out of the batch, keeping their caches for their sessions' next turns."""
@@ -250,18 +350,18 @@ class StepScheduler:
             row = self.rows[i]
             if not row.leaving:
                 continue
-            if row.request.session_id is not None and self.sessions.budget_bytes > 0:
+            if row.request.session_id is not None and self.sessions.budget_bytes > 0 and not row.failed:
                 self.sessions.put(row.request.session_id, row.fed, batch.row_layers(i))
             batch.remove(i)
             self.rows[i] = self.rows[-1]
             self.rows.pop()
             row.stream.finish(outbox=self._outbox)
         if not self.rows:
-            self._batch = None
+            self._batch, self._chunk = None, None
 
     def drop_all(self) -> list[Row]:
         """Forget the running batch (after a failed step); the caller settles the rows' streams."""
-        rows, self.rows, self._batch = self.rows, [], None
+        rows, self.rows, self._batch, self._chunk = self.rows, [], None, None
         return rows
 
     def _forward(
@@ -282,3 +382,9 @@ class StepScheduler:
         tokens = pick_tokens(logits, [row.request.sampling for row in rows], [row.fed for row in rows])
         for row, token in zip(rows, tokens, strict=True):
             row.accept(token)
+
+
+def free_cached_memory() -> None:
+    """Give the CUDA allocator's cached blocks back before retrying after an out-of-memory."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
