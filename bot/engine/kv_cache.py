@@ -4,7 +4,7 @@ A cache is a list of (keys, values) per layer, each shaped [batch, kv_heads, slo
 DynamicCache holds them. Batch caches let rows have holes: a slot whose mask is 0 holds no token of that row (left
 padding, the gap between a reused prefix and the new tokens of a shorter prompt, slots written before a longer row
 joined). Positions are passed to the model explicitly, so a hole costs memory and attention work but never changes
-a row's result. A prefill runs on a DynamicCache of the joining rows; the running batch lives in a SlotBatch.
+a row's result. A prefill runs in a SlotBatch of the joining rows, which becomes or joins the running batch.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -50,15 +49,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
-
-
-def _pad_slots(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the slot dimension (-2) to `width`."""
-    return F.pad(t, (0, 0, width - t.shape[-2], 0)) if t.shape[-2] < width else t
-
-
-def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return F.pad(mask, (width - mask.shape[-1], 0)) if mask.shape[-1] < width else mask
 
 
 class _SlotLayer(DynamicLayer):
@@ -104,9 +94,21 @@ class SlotBatch:
 
     def __init__(self, like: Layers) -> None:
         k0 = like[0][0]
-        self._heads, self._dim = k0.shape[1], k0.shape[3]
-        self._dtype, self._device = k0.dtype, k0.device
-        self._layers = len(like)
+        self._init(len(like), k0.shape[1], k0.shape[3], k0.dtype, k0.device)
+
+    @classmethod
+    def for_model(cls, config: PretrainedConfig, dtype: torch.dtype, device: torch.device) -> SlotBatch:
+        """An empty batch shaped for a LLaMA-like model's cache."""
+        batch = cls.__new__(cls)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        batch._init(config.num_hidden_layers, heads, dim, dtype, device)
+        return batch
+
+    def _init(self, layers: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._heads, self._dim = heads, dim
+        self._dtype, self._device = dtype, device
+        self._layers = layers
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
@@ -130,13 +132,30 @@ class SlotBatch:
         self.mask[: self.rows, self.end] = 1
         return self.mask[: self.rows, self.start : self.end + 1]
 
+    def prefill_mask(self, new_mask: torch.Tensor) -> torch.Tensor:
+        """Make room for `new_mask.shape[1]` more slots in every row, marked as `new_mask` says (a prefill of new
+        tokens right-aligned at `end`); the rows' mask including them. `cache` then runs every row."""
+        width = new_mask.shape[1]
+        self._reserve(self.rows, self.end + width)
+        self.lo, self.hi = 0, self.rows
+        self.mask[: self.rows, self.end : self.end + width] = new_mask
+        return self.mask[: self.rows, self.start : self.end + width]
+
+    def reserve(self, rows: int, slots: int) -> None:
+        """Room for `rows` rows of `slots` slots from `start` without growing (a prefill's and its decode's)."""
+        cap_rows, cap_slots = self.mask.shape
+        if rows > cap_rows or self.start + slots > cap_slots:
+            # Exactly: a prefill knows how far its rows go, and growing by half again would zero slots never used.
+            self._compact(max(rows, cap_rows), max(slots, cap_slots))
+
     def advance(self, tokens: int) -> None:
         """The model wrote `tokens` slots at `end` in every layer: move past them."""
         self.end += tokens
 
-    def add(self, rows: Sequence[Layers]) -> None:
-        """Append rows, each a compact batch-1 cache, right-aligned at `end` (which moves right if one is longer)."""
-        lengths = [r[0][0].shape[-2] for r in rows]
+    def add(self, rows: Sequence[Layers | None]) -> None:
+        """Append rows, each a compact batch-1 cache (None: empty), right-aligned at `end` (which moves right if one
+        is longer)."""
+        lengths = [0 if r is None else r[0][0].shape[-2] for r in rows]
         end = max(self.end, self.start + max(lengths))
         # Existing rows get a hole before their next token instead of a copy.
         self._reserve(self.rows + len(rows), end)
@@ -145,7 +164,7 @@ class SlotBatch:
         self.end = end
         for offset, (layers, n) in enumerate(zip(rows, lengths, strict=True)):
             row = self.rows + offset
-            for i, (k, v) in enumerate(layers):
+            for i, (k, v) in enumerate(layers or ()):
                 self.keys[i][row, :, end - n : end] = k[0]
                 self.values[i][row, :, end - n : end] = v[0]
             self.mask[row, self.start : end] = 0
@@ -204,26 +223,6 @@ class SlotBatch:
         # Swapped in only once all is allocated: running out of memory above leaves the batch as it was.
         self.keys, self.values, self.mask = keys, values, mask
         self.start, self.end = 0, width
-
-
-def stack_prefixes(prefixes: Sequence[Layers | None], device: torch.device) -> tuple[Layers | None, torch.Tensor]:
-    """Batch-1 caches of different lengths (or none) as one left-padded batch cache and its slot mask."""
-    lengths = [0 if p is None else p[0][0].shape[-2] for p in prefixes]
-    width = max(lengths)
-    mask = torch.zeros((len(prefixes), width), dtype=torch.long, device=device)
-    for row, n in enumerate(lengths):
-        mask[row, width - n :] = 1
-    if width == 0:
-        return None, mask
-    model = next(p for p in prefixes if p is not None)
-    layers: Layers = []
-    for i, (k0, v0) in enumerate(model):
-        empty_k = k0.new_zeros((1, k0.shape[1], width, k0.shape[3]))
-        empty_v = v0.new_zeros((1, v0.shape[1], width, v0.shape[3]))
-        keys = [empty_k if p is None else _pad_slots(p[i][0], width) for p in prefixes]
-        values = [empty_v if p is None else _pad_slots(p[i][1], width) for p in prefixes]
-        layers.append((torch.cat(keys), torch.cat(values)))
-    return layers, mask
 
 
 @dataclass

@@ -39,7 +39,6 @@ from bot.engine.kv_cache import (
     cache_layers,
     common_prefix,
     make_cache,
-    stack_prefixes,
 )
 from bot.engine.sampler import pick_tokens
 from bot.engine.streams import DeltaText, Outbox, RequestStream
@@ -198,7 +197,7 @@ class StepScheduler:
         fresh = [self.sessions.owned(row.request.session_id, row.request.prompt_ids) == 0 for row in rows]
         prefixes = [self.sessions.take(row.request.session_id, row.request.prompt_ids) for row in rows]
         try:
-            compact, logits = self._prefill(rows, prefixes)
+            joining, logits = self._prefill(rows, prefixes)
         except torch.OutOfMemoryError:
             # Hand the taken prefixes back, so that the halves tried next reuse them.
             for row, prefix in zip(rows, prefixes, strict=True):
@@ -206,19 +205,22 @@ class StepScheduler:
                     n = prefix[0][0].shape[-2]
                     self.sessions.put(row.request.session_id, row.request.prompt_ids[:n], prefix)
             raise
-        for is_fresh, prompt, row_layers in zip(fresh, prompts, compact, strict=True):
+        for i, (is_fresh, prompt) in enumerate(zip(fresh, prompts, strict=True)):
             # A conversation's first prompt starts like many others (system prompt, template): let them reuse it.
             if sharing and is_fresh and len(prompt) <= MAX_SHARED_PROMPT:
-                self.sessions.share(prompt, row_layers)
+                self.sessions.share(prompt, joining.row_layers(i))
         self.rows.extend(rows)
         for row, prompt in zip(rows, prompts, strict=True):
             row.fed = list(prompt)
         self._accept(logits, rows)
 
-    def _prefill(self, rows: Sequence[Row], prefixes: Sequence[Layers | None]) -> tuple[list[Layers], torch.Tensor]:
-        """One forward over the joining rows; their compact caches, added to the batch, and their last logits."""
+    def _prefill(self, rows: Sequence[Row], prefixes: Sequence[Layers | None]) -> tuple[SlotBatch, torch.Tensor]:
+        """One forward over the joining rows, added to the batch; the batch they were prefilled in and their logits.
+
+        The rows are prefilled in a SlotBatch of their own, their cached prefixes copied in once and the new tokens
+        written in place: that batch becomes the running one when none runs (a lone long turn copies its history
+        once, not through a stacked prefix, a DynamicCache and the batch's buffers)."""
         prompts = [row.request.prompt_ids for row in rows]
-        prior, prior_mask = stack_prefixes(prefixes, self._device)
         cached = [0 if p is None else p[0][0].shape[-2] for p in prefixes]
         news = [prompt[n:] for prompt, n in zip(prompts, cached, strict=True)]
         width = max(len(new) for new in news)
@@ -230,29 +232,25 @@ class StepScheduler:
             input_ids[i, width - len(new) :] = torch.tensor(new, dtype=torch.long)
             positions[i, width - len(new) :] = torch.arange(n, n + len(new))
             new_mask[i, width - len(new) :] = 1
-        mask = torch.cat([prior_mask, new_mask.to(self._device)], dim=1)
-        cache = make_cache(self._model.config, prior)
+        joining = SlotBatch.for_model(self._model.config, self._model.dtype, self._device)
+        # Room for the decode steps too, so a batch that runs alone does not grow (and copy) while it decodes.
+        decode = max(row.request.sampling.max_new_tokens for row in rows)
+        joining.reserve(len(rows), max(cached) + width + (decode if self._batch is None else 0))
+        joining.add(prefixes)
+        mask = joining.prefill_mask(new_mask.to(self._device))
         c = self.counters
         c.prefills += 1
         c.largest_batch = max(c.largest_batch, len(self.rows) + len(rows))
         c.prefilled_tokens += sum(len(new) for new in news)
         c.reused_tokens += sum(cached)
-        logits = self._forward(input_ids, positions, mask, cache)
-        layers = cache_layers(cache)
-        compact: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-        for i in range(len(rows)):
-            if len(rows) == 1 and bool(mask.all()):
-                compact.append(layers)  # already compact: spare a copy of a long history
-                continue
-            slots = mask[i].nonzero().squeeze(-1)
-            compact.append(
-                [(k[i : i + 1].index_select(-2, slots), v[i : i + 1].index_select(-2, slots)) for k, v in layers]
-            )
-        del cache, layers
+        logits = self._forward(input_ids, positions, mask, joining.cache)
+        joining.advance(width)
         if self._batch is None:
-            self._batch = SlotBatch(compact[0])
-        self._batch.add(compact)  # the last thing that may run out of memory: it grows the batch's buffers
-        return compact, logits
+            self._batch = joining
+        else:
+            # The last thing that may run out of memory: it grows the batch's buffers.
+            self._batch.add([joining.row_layers(i) for i in range(len(rows))])
+        return joining, logits
 
     def _prefill_common_prefix(self, rows: Sequence[Row]) -> None:
         """Prefill once the head that several joining prompts share and no cache holds yet, as a shared prefix."""
