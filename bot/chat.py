@@ -12,7 +12,7 @@ import logging
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bot.config import Settings
 from bot.engine import ChatMessage, Engine, GenerationRequest, SamplingParams
@@ -44,7 +44,7 @@ class Turn:
     queued_ahead: int
     _deltas: AsyncIterator[str]
     answer: str = ""
-    finished: bool = field(default=False)
+    finished: bool = False
 
     async def stream(self) -> AsyncIterator[str]:
         async for delta in self._deltas:

@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 from discord_emulator import Channel, User
-from discord_harness import StartBot, World, finished_session, mention, thread_place
+from discord_harness import StartBot, World, channel_place, finished_session, mention, thread_place
 from script_model import build_script_llama
 
 from bot.admission import Admission, NoticeGate, RateLimitedError, UserBusyError
-from bot.sessions import Place
 
 LONG_SCRIPT = "Counting sheep slowly until the night is over."
 
@@ -198,14 +197,12 @@ async def test_the_rate_limit_answers_with_when_to_retry(world: World, start_bot
     async with start_bot(chat={"rate_limit_per_minute": 2}) as bot:
         for number, channel in enumerate((world.general, world.random)):
             await mention(world, channel, world.alice, f"question {number}")
-            await finished_session(bot, Place(kind="channel", guild_id=world.guild.id, channel_id=channel.id))
+            await finished_session(bot, channel_place(world, channel))
         third = await mention(world, world.general, world.alice, "question 2")
         told = await emu.wait_for_message(world.general, after=third)
         # Bob has his own budget.
         await mention(world, world.general, world.bob, "bob's question")
-        general = await finished_session(
-            bot, Place(kind="channel", guild_id=world.guild.id, channel_id=world.general.id), turns=2
-        )
+        general = await finished_session(bot, channel_place(world, world.general), turns=2)
     assert told["message_reference"]["message_id"] == third["id"]
     assert told["content"].startswith("You've sent me 2 messages in the last minute")
     seconds = int(told["content"].split("try again in ")[1].split(" second")[0])

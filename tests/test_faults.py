@@ -168,20 +168,25 @@ def assert_clean_log(bot: BotProcess) -> None:
 # --- a graceful stop --------------------------------------------------------------------------------------
 
 
+def long_answer_config(world: World, model_dir: Path, *, shutdown_grace: float) -> Path:
+    """A config for a child bot whose answers run LONG tokens, stopping with the given grace."""
+    return bot_config(
+        world.tmp_path / "config.toml",
+        world.emu,
+        model_dir,
+        world.data_dir,
+        model={"max_new_tokens": LONG},
+        discord={"shutdown_grace": shutdown_grace},
+    )
+
+
 async def test_sigterm_mid_answer_keeps_acknowledged_turns_and_cancels_the_rest(
     world: World, letters_model_dir: Path
 ) -> None:
     emu = world.emu
     answered, running = world.channels[:2], world.channels[2]
     final = expected_answer(LETTERS, LONG).strip()
-    config = bot_config(
-        world.tmp_path / "config.toml",
-        emu,
-        letters_model_dir,
-        world.data_dir,
-        model={"max_new_tokens": LONG},
-        discord={"shutdown_grace": 0},
-    )
+    config = long_answer_config(world, letters_model_dir, shutdown_grace=0)
     async with await BotProcess.start(config, token=emu.token) as bot:
         await emu.wait_ready(timeout=120)
         done = [await mention(world, channel, world.alice, f"tell me in {channel.name}") for channel in answered]
@@ -214,14 +219,7 @@ async def test_sigint_lets_a_running_answer_finish_and_takes_no_new_turns(
     emu = world.emu
     first, late = world.channels[0], world.channels[1]
     final = expected_answer(LETTERS, LONG).strip()
-    config = bot_config(
-        world.tmp_path / "config.toml",
-        emu,
-        letters_model_dir,
-        world.data_dir,
-        model={"max_new_tokens": LONG},
-        discord={"shutdown_grace": 60},
-    )
+    config = long_answer_config(world, letters_model_dir, shutdown_grace=60)
     async with await BotProcess.start(config, token=emu.token) as bot:
         await emu.wait_ready(timeout=120)
         asked = await mention(world, first, world.alice, "finish this one")
