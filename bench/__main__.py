@@ -158,6 +158,7 @@ async def run(args: argparse.Namespace) -> None:
                     turns=3 if quick else 6,
                     max_new_tokens=8 if quick else 24,
                     long_history_tokens=400 if quick else 2000,
+                    pairs=2 if quick else 5,
                 )
             if "3" not in skip:
                 lag.phase = "workload 3"

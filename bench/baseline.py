@@ -27,13 +27,14 @@ class Baseline:
         self._tokenizer = tokenizer
         self._pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
 
-    def answer(self, prompt_ids: Sequence[int], max_new_tokens: int) -> BaselineAnswer:
+    def answer(self, prompt_ids: Sequence[int], max_new_tokens: int, min_new_tokens: int = 0) -> BaselineAnswer:
         # The same prompt the engine gets, as the text the app would have handed the pipeline.
         text = self._tokenizer.decode(prompt_ids, skip_special_tokens=False)
         start = time.perf_counter()
         out: Any = self._pipe(
             text,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
             do_sample=False,
             return_full_text=False,
             add_special_tokens=False,

@@ -78,8 +78,11 @@ class Ours:
     def __init__(self, engine: LocalEngine) -> None:
         self.engine = engine
 
-    async def answer(self, prompt_ids: Sequence[int], max_new_tokens: int, session_id: str | None = None) -> Answer:
-        request = GenerationRequest(tuple(prompt_ids), SamplingParams(max_new_tokens=max_new_tokens), session_id)
+    async def answer(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, session_id: str | None = None, min_new_tokens: int = 0
+    ) -> Answer:
+        sampling = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        request = GenerationRequest(tuple(prompt_ids), sampling, session_id)
         start = time.perf_counter()
         first = 0.0
         parts: list[str] = []
@@ -128,8 +131,9 @@ async def workload2(
     turns: int,
     max_new_tokens: int,
     long_history_tokens: int,
+    pairs: int,
 ) -> None:
-    """`sessions` sessions × `turns` turns each, history growing; then one turn at ~100 and ~2,000 tokens."""
+    """`sessions` sessions × `turns` turns each, history growing; then turns at ~100 and ~2,000 tokens."""
 
     async def session(i: int) -> list[str]:
         history: list[Exchange] = []
@@ -163,32 +167,54 @@ async def workload2(
     flat_base = [t for texts in base_texts for t in texts]
     res.add(name, "same answers as baseline", _same(flat_ours, flat_base))
 
-    # One turn after a short and after a long history, each session warmed by its previous turn (as in a chat).
-    times: dict[str, tuple[float, float, int]] = {}
-    for label, filler_turns in (("short", 0), ("long", None)):
-        history = [Exchange("Hello!", "Hello! How can I help you today?")]
-        if filler_turns is None:
-            while len(await encode(fmt, history, "x")) < long_history_tokens:
-                history.append(Exchange(FILLER, "Noted, I will keep that in mind."))
-        sid = f"w2-{label}"
-        warm = await ours.answer(await encode(fmt, history[:-1], history[-1].user), max_new_tokens, session_id=sid)
-        history[-1] = Exchange(history[-1].user, warm.text.strip())
-        prompt = await encode(fmt, history, FOLLOW_UPS[1].format(t="castles"))
-        timed = await ours.answer(prompt, max_new_tokens, session_id=sid)
-        base_answer = await asyncio.to_thread(base.answer, prompt, max_new_tokens)
-        # Per generated token, so an answer that stops early does not look fast.
-        times[label] = (
-            timed.seconds / max(timed.tokens, 1),
-            base_answer.seconds / max(base_answer.tokens, 1),
-            len(prompt),
-        )
-    (s_ours, s_base, s_len), (l_ours, l_base, l_len) = times["short"], times["long"]
+    await long_turn(res, name, ours, base, fmt, pairs=pairs, max_new_tokens=max_new_tokens, tokens=long_history_tokens)
+
+
+async def long_turn(
+    res: Results,
+    name: str,
+    ours: Ours,
+    base: Baseline,
+    fmt: PromptFormat,
+    *,
+    pairs: int,
+    max_new_tokens: int,
+    tokens: int,
+) -> None:
+    """A turn after a long history against one after a short history, in `pairs` pairs of sessions, each session
+    warmed by its previous turn (as in a chat). Every timed answer is held to exactly `max_new_tokens` tokens: an
+    answer that ends early would spread the turn's fixed cost (its prompt's prefill) over fewer tokens."""
+    ratios: dict[str, list[float]] = {"ours": [], "baseline": [], "first token": []}
+    lengths: dict[str, int] = {}
+    for pair in range(pairs):
+        topic = TOPICS[pair % len(TOPICS)]
+        timed: dict[str, tuple[Answer, float]] = {}
+        for label in ("short", "long"):
+            history = [Exchange(f"Hello! Let's talk about {topic}.", "Hello! How can I help you today?")]
+            if label == "long":
+                while len(await encode(fmt, history, "x")) < tokens:
+                    history.append(Exchange(FILLER, "Noted, I will keep that in mind."))
+            sid = f"w2-{label}-{pair}"
+            first = await encode(fmt, history[:-1], history[-1].user)
+            warm = await ours.answer(first, max_new_tokens, session_id=sid)
+            history[-1] = Exchange(history[-1].user, warm.text.strip())
+            prompt = await encode(fmt, history, FOLLOW_UPS[1].format(t=topic))
+            lengths[label] = len(prompt)
+            answer = await ours.answer(prompt, max_new_tokens, session_id=sid, min_new_tokens=max_new_tokens)
+            base_answer = await asyncio.to_thread(base.answer, prompt, max_new_tokens, max_new_tokens)
+            timed[label] = (answer, base_answer.seconds)
+        (short, short_base), (long, long_base) = timed["short"], timed["long"]
+        ratios["ours"].append(long.seconds / short.seconds)
+        ratios["baseline"].append(long_base / short_base)
+        ratios["first token"].append(long.first_token_s / short.first_token_s)
+    over = f"at {lengths['long']} over {lengths['short']} history tokens"
     res.add(
         name,
-        f"turn at {l_len} over {s_len} history tokens (s/token)",
-        f"{l_ours / s_ours:.2f}x",
-        f"{l_base / s_base:.2f}x",
+        f"turn {over}, {max_new_tokens} tokens each (median of {pairs})",
+        f"{statistics.median(ratios['ours']):.2f}x",
+        f"{statistics.median(ratios['baseline']):.2f}x",
     )
+    res.add(name, f"first token {over} (median of {pairs})", f"{statistics.median(ratios['first token']):.2f}x")
 
 
 async def workload3(

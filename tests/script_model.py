@@ -28,7 +28,8 @@ def script_tokens(script: str) -> list[int]:
     return tokenizer.encode(script, add_special_tokens=False)
 
 
-def build_script_llama(target: Path, script: str, *, max_positions: int = 4096) -> Path:
+def build_script_llama(target: Path, script: str, *, max_positions: int = 4096, then_eos: bool = False) -> Path:
+    """`then_eos`: the script's last token is followed by end-of-sequence instead of the script's first token."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -64,6 +65,10 @@ def build_script_llama(target: Path, script: str, *, max_positions: int = 4096) 
             embed[token].zero_()
             embed[token, position] = 1.0
             head[ids[(position + 1) % len(ids)], position] = LOGIT
+        if then_eos:
+            last = len(ids) - 1
+            head[ids[0], last] = 0.0
+            head[tokenizer.eos_token_id, last] = LOGIT
     model.generation_config.pad_token_id = tokenizer.unk_token_id
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

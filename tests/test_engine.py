@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from script_model import build_script_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.config import ModelSettings
@@ -133,6 +134,32 @@ def test_sampling_params_from_settings_and_validation() -> None:
         SamplingParams(0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(8, top_p=0.0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams(8, min_new_tokens=9)
+
+
+async def test_min_new_tokens_holds_off_eos_as_generate_does(tmp_path: Path) -> None:
+    folder = build_script_llama(tmp_path / "model", "Short answer.", then_eos=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = tuple(tokenizer("Hi").input_ids)
+
+    def generate(**limits: int) -> str:
+        out = model.generate(torch.tensor([prompt]), do_sample=False, **limits)
+        return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True)
+
+    async with LocalEngine(model_settings(folder)) as engine:
+        plain = "".join(await collect(engine, request(prompt, max_new_tokens=20)))
+        held = "".join(await collect(engine, request(prompt, max_new_tokens=20, min_new_tokens=12)))
+        # Two rows in one batch, only one of them held: the other still ends at its EOS.
+        both = await asyncio.gather(
+            collect(engine, request(prompt, max_new_tokens=20, min_new_tokens=12)),
+            collect(engine, request(prompt, max_new_tokens=20)),
+        )
+    assert plain == generate(max_new_tokens=20) == "Short answer."
+    assert held == generate(max_new_tokens=20, min_new_tokens=12)
+    assert held.startswith("Short answer.") and len(held) > len(plain)
+    assert ["".join(d) for d in both] == [held, plain]
 
 
 async def test_engine_reports_model_and_context(engine: LocalEngine, tiny_llama_dir: Path) -> None:

@@ -185,10 +185,15 @@ async def test_token_ids_go_as_a_list_when_the_server_takes_them(fake: FakeOpenA
         assert engine.uses_completions  # "llama-2" in the name
         request = GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=8))
         assert "".join(await collect(engine.generate(request))) == "Hello there!"
-    assert fake.paths == ["/v1/completions"]
+        held = SamplingParams(max_new_tokens=8, min_new_tokens=5, repetition_penalty=1.2)
+        await collect(engine.generate(GenerationRequest(prompt_ids=ids, sampling=held)))
+    assert fake.paths == ["/v1/completions"] * 2
     assert fake.bodies[0]["prompt"] == list(ids)
     assert fake.bodies[0]["stream"] is True
     assert fake.bodies[0]["max_tokens"] == 8
+    assert "min_tokens" not in fake.bodies[0] and "repetition_penalty" not in fake.bodies[0]
+    # vLLM's names for what transformers calls min_new_tokens and repetition_penalty.
+    assert (fake.bodies[1]["min_tokens"], fake.bodies[1]["repetition_penalty"]) == (5, 1.2)
 
 
 async def test_a_refused_replica_fails_over_to_the_live_one(fake: FakeOpenAIServer) -> None:

@@ -375,6 +375,8 @@ class RemoteEngine(Engine):
             body["top_p"] = s.top_p
         if s.repetition_penalty != 1.0:
             body["repetition_penalty"] = s.repetition_penalty  # vLLM's extension; others ignore the key
+        if s.min_new_tokens:
+            body["min_tokens"] = s.min_new_tokens  # vLLM's extension too
         return body
 
     async def _text(self, request: GenerationRequest) -> str:

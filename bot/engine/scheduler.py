@@ -377,7 +377,13 @@ class StepScheduler:
         return out.logits[:, -1, :]
 
     def _accept(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
-        tokens = pick_tokens(logits, [row.request.sampling for row in rows], [row.fed for row in rows])
+        tokens = pick_tokens(
+            logits,
+            [row.request.sampling for row in rows],
+            [row.fed for row in rows],
+            [len(row.request.prompt_ids) for row in rows],
+            self._eos_ids,
+        )
         for row, token in zip(rows, tokens, strict=True):
             row.accept(token)
 
