@@ -79,16 +79,14 @@ class LagMonitor:
 
 
 def median_rows(runs: list[Results]) -> Results:
-    """Per cell, the median of the numbers the runs printed (text cells from the first run)."""
+    """Per cell, the median of the numbers the runs printed (text cells from the first run); ratios also show the
+    lowest and highest run."""
     if len(runs) == 1:
         return runs[0]
     out = Results()
     for cells in zip(*(r.rows for r in runs), strict=True):
         first = cells[0]
-        values = []
-        for attr in ("ours", "baseline", "ratio"):
-            texts = [getattr(c, attr) for c in cells]
-            values.append(_median_text(texts))
+        values = [_median_text([getattr(c, attr) for c in cells]) for attr in ("ours", "baseline", "ratio")]
         out.add(first.workload, first.metric, *values)
     return out
 
@@ -101,8 +99,8 @@ def _median_text(texts: list[str]) -> str:
                 nums = [float(t[: len(t) - len(suffix)] if suffix else t) for t in texts]
             except ValueError:
                 return head
-            value = statistics.median(nums)
-            return f"{value:.2f}{suffix}"
+            value = f"{statistics.median(nums):.2f}{suffix}"
+            return f"{value} ({min(nums):.2f}-{max(nums):.2f})" if suffix else value
     return head
 
 
