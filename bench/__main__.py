@@ -10,19 +10,15 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from bench.baseline import Baseline
-from bench.models import ensure_smollm2, llama2_tokenizer_dir, random_llama2_7b
+from bench.baseline import BaselineProcess
+from bench.models import ModelChoice, load_model
 from bench.workloads import Ours, Results, workload1, workload2, workload3, workload4
 from bot.config import ModelSettings
 from bot.engine import LocalEngine
 from bot.prompt import select_format
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +33,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="run workloads 1-3 this many times; medians are printed")
     p.add_argument("--skip", default="", help="workloads to leave out, e.g. 4 or 2,4")
     return p.parse_args(argv)
-
-
-def load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if args.llama2_7b_shape:
-        model, tokenizer = random_llama2_7b(llama2_tokenizer_dir(), dtype=args.dtype, device=args.device)
-        return model, tokenizer, "random LLaMA-2-7B shapes"
-    folder = args.model or ensure_smollm2()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), device_map=args.device)
-    return model.eval(), tokenizer, folder.name
 
 
 class LagMonitor:
@@ -118,8 +102,8 @@ def print_table(res: Results, title: str) -> None:
 async def run(args: argparse.Namespace) -> None:
     quick = args.quick
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    model, tokenizer, name = await asyncio.to_thread(load, args)
-    chats = 8 if quick else 16
+    choice = ModelChoice(args.model, args.llama2_7b_shape, args.dtype, args.device)
+    name = choice.name
     settings = ModelSettings(
         name=name,
         dtype=args.dtype,
@@ -128,42 +112,49 @@ async def run(args: argparse.Namespace) -> None:
         max_queue=256,
         kv_cache_budget_mb=4096,
     )
-    engine = LocalEngine(settings, loader=lambda: (model, tokenizer))
-    fmt = select_format(tokenizer, name, "auto")
-    base = await asyncio.to_thread(Baseline, model, tokenizer)
-    lag = LagMonitor()
-    monitor = asyncio.create_task(lag.run())
-    runs: list[Results] = []
-    started = time.perf_counter()
-    async with engine:
-        ours = Ours(engine)
-        hello = await asyncio.to_thread(fmt.encode, None, [], "Hello")  # the chat template's first use compiles it
-        await ours.answer(hello, 4)  # warm-up, both sides
-        await asyncio.to_thread(base.answer, hello, 4)
-        for _ in range(args.repeat):
-            res = Results()
-            if "1" not in skip:
-                lag.phase = "workload 1"
-                await workload1(res, ours, base, fmt, chats=chats, max_new_tokens=16 if quick else 64)
-            if "2" not in skip:
-                lag.phase = "workload 2"
-                await workload2(
-                    res,
-                    ours,
-                    base,
-                    fmt,
-                    sessions=4 if quick else 16,
-                    turns=3 if quick else 6,
-                    max_new_tokens=8 if quick else 24,
-                    long_history_tokens=400 if quick else 2000,
-                    pairs=2 if quick else 5,
-                )
-            if "3" not in skip:
-                lag.phase = "workload 3"
-                await workload3(res, ours, fmt, requests=chats, every_s=0.5, max_new_tokens=16 if quick else 64)
-            runs.append(res)
-    lag.stop()
-    await monitor
+    # Loaded on the engine's worker thread, as the bot loads it: no other thread of this process runs torch.
+    engine = LocalEngine(settings, loader=lambda: load_model(choice))
+    # Started first: its process fetches and converts SmolLM2 on a machine that has not yet.
+    base = await asyncio.to_thread(BaselineProcess, choice)
+    try:
+        lag = LagMonitor()
+        runs: list[Results] = []
+        started = time.perf_counter()
+        chats = 8 if quick else 16
+        async with engine:
+            fmt = select_format(engine.tokenizer, name, "auto")
+            ours = Ours(engine)
+            hello = await asyncio.to_thread(fmt.encode, None, [], "Hello")  # the chat template's first use compiles it
+            await ours.answer(hello, 4)  # warm-up, both sides
+            await asyncio.to_thread(base.answer, hello, 4)
+            # Watched from here on: loading the model holds the interpreter now and then, as when the bot starts.
+            monitor = asyncio.create_task(lag.run())
+            for _ in range(args.repeat):
+                res = Results()
+                if "1" not in skip:
+                    lag.phase = "workload 1"
+                    await workload1(res, ours, base, fmt, chats=chats, max_new_tokens=16 if quick else 64)
+                if "2" not in skip:
+                    lag.phase = "workload 2"
+                    await workload2(
+                        res,
+                        ours,
+                        base,
+                        fmt,
+                        sessions=4 if quick else 16,
+                        turns=3 if quick else 6,
+                        max_new_tokens=8 if quick else 24,
+                        long_history_tokens=400 if quick else 2000,
+                        pairs=2 if quick else 5,
+                    )
+                if "3" not in skip:
+                    lag.phase = "workload 3"
+                    await workload3(res, ours, fmt, requests=chats, every_s=0.5, max_new_tokens=16 if quick else 64)
+                runs.append(res)
+            lag.stop()
+            await monitor
+    finally:
+        await asyncio.to_thread(base.close)
     res = median_rows(runs)
     if "4" not in skip:
         await workload4(res, few=10, many=1000 if quick else 10_000, appends=40 if quick else 200)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,6 +92,34 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     model.is_quantized = False
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Which model the benchmark runs, picklable: the baseline's process loads the same one."""
+
+    folder: Path | None  # None: SmolLM2-135M-Instruct
+    llama2_7b_shape: bool
+    dtype: str
+    device: str
+
+    @property
+    def name(self) -> str:
+        if self.llama2_7b_shape:
+            return "random LLaMA-2-7B shapes"
+        return self.folder.name if self.folder else SMOLLM2_FOLDER
+
+
+def load_model(choice: ModelChoice) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if choice.llama2_7b_shape:
+        return random_llama2_7b(llama2_tokenizer_dir(), dtype=choice.dtype, device=choice.device)
+    folder = choice.folder or ensure_smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, choice.dtype), device_map=choice.device)
+    return model.eval(), tokenizer
 
 
 def random_llama2_7b(
