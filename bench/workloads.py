@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.baseline import Baseline
+from bench.baseline import BaselineProcess
 from bot.engine import GenerationRequest, LocalEngine, SamplingParams
 from bot.prompt import Exchange, PromptFormat
 
@@ -105,7 +105,7 @@ def _same(ours: Sequence[str], theirs: Sequence[str]) -> str:
 
 
 async def workload1(
-    res: Results, ours: Ours, base: Baseline, fmt: PromptFormat, *, chats: int, max_new_tokens: int
+    res: Results, ours: Ours, base: BaselineProcess, fmt: PromptFormat, *, chats: int, max_new_tokens: int
 ) -> None:
     """`chats` chats send one message each at the same time."""
     prompts = [await encode(fmt, [], FOLLOW_UPS[0].format(t=TOPICS[i % len(TOPICS)])) for i in range(chats)]
@@ -124,7 +124,7 @@ async def workload1(
 async def workload2(
     res: Results,
     ours: Ours,
-    base: Baseline,
+    base: BaselineProcess,
     fmt: PromptFormat,
     *,
     sessions: int,
@@ -174,7 +174,7 @@ async def long_turn(
     res: Results,
     name: str,
     ours: Ours,
-    base: Baseline,
+    base: BaselineProcess,
     fmt: PromptFormat,
     *,
     pairs: int,
