@@ -64,7 +64,7 @@ class BaselineProcess:
         self._process = context.Process(target=_serve, args=(child, choice), name="bench-baseline", daemon=True)
         self._process.start()
         child.close()
-        self._call("ready")
+        self._receive()  # the model is loaded
 
     def answer(self, prompt_ids: Sequence[int], max_new_tokens: int, min_new_tokens: int = 0) -> BaselineAnswer:
         return self._call((tuple(prompt_ids), max_new_tokens, min_new_tokens))
@@ -87,6 +87,9 @@ class BaselineProcess:
 
     def _call(self, message: object) -> Any:
         self._conn.send(message)
+        return self._receive()
+
+    def _receive(self) -> Any:
         try:
             ok, value = self._conn.recv()
         except EOFError:
@@ -103,7 +106,6 @@ def _serve(conn: Connection, choice: ModelChoice) -> None:
     except Exception as exc:  # told to the parent, which raises it
         conn.send((False, repr(exc)))
         return
-    conn.recv()  # "ready"
     conn.send((True, None))
     while (message := conn.recv()) is not None:
         try:

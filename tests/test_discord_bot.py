@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import re
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from discord_emulator import Channel, User
-from discord_harness import StartBot, World, channel_place, finished_session, mention, thread_place
+from discord_harness import BotProcess, StartBot, World, channel_place, finished_session, mention, thread_place
 from script_model import CODE_SCRIPT, expected_answer
 
 from bot.history import HistoryStore
 from bot.reply_stream import STREAMING_MARK
 from bot.sessions import Place
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def without_fences(text: str) -> str:
@@ -408,27 +404,16 @@ async def test_python_m_bot_serves_the_emulator(world: World, tiny_llama_dir: Pa
         f'[discord]\napi_base = "{emu.api_base}"\nguild_ids = [{world.guild.id}]\n'
         f'[model]\nname = "{tiny_llama_dir}"\ntemperature = 0\nmax_new_tokens = 8\ndevice_map = "cpu"\n'
     )
-    env = {**os.environ, "DISCORD_TOKEN": emu.token}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "--config",
-        str(config),
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        await emu.wait_ready(timeout=120)
-        await emu.wait_for_call("PUT", rf"/applications/\d+/guilds/{world.guild.id}/commands", timeout=60)
-        asked = await mention(world, world.general, world.alice, "are you there?")
-        reply = await emu.wait_for_message(world.general, after=asked, timeout=60)
-    finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = await asyncio.wait_for(process.communicate(), 60)
-    log = output.decode()
+    async with await BotProcess.start(config, token=emu.token) as bot:
+        try:
+            await emu.wait_ready(timeout=120)
+            await emu.wait_for_call("PUT", rf"/applications/\d+/guilds/{world.guild.id}/commands", timeout=60)
+            asked = await mention(world, world.general, world.alice, "are you there?")
+            reply = await emu.wait_for_message(world.general, after=asked, timeout=60)
+        finally:
+            bot.send_signal(signal.SIGINT)
+            await bot.wait()
+    log = bot.log
     assert reply["message_reference"]["message_id"] == asked["id"]
     assert emu.token not in log, "the token never appears in the log"
     assert " ERROR " not in log and "Traceback" not in log, log
