@@ -19,7 +19,7 @@ from bench.models import ModelChoice, load_model
 from bench.workloads import Ours, Results, workload1, workload2, workload3, workload4
 from bot.config import ModelSettings
 from bot.engine import LocalEngine
-from bot.prompt import select_format
+from bot.render import select_format
 
 log = logging.getLogger(__name__)
 

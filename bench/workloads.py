@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.baseline import BaselineProcess
-from bot.engine import GenerationRequest, LocalEngine, SamplingParams
-from bot.prompt import Exchange, PromptFormat
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
+from bot.render import Exchange, PromptFormat
 
 TOPICS = (
     "castles",
@@ -82,7 +82,7 @@ class Ours:
         self, prompt_ids: Sequence[int], max_new_tokens: int, session_id: str | None = None, min_new_tokens: int = 0
     ) -> Answer:
         sampling = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
-        request = GenerationRequest(tuple(prompt_ids), sampling, session_id)
+        request = GenerationRequest(TokenPrompt(tuple(prompt_ids)), sampling, session_id)
         start = time.perf_counter()
         first = 0.0
         parts: list[str] = []
@@ -253,7 +253,7 @@ async def workload4(res: Results, *, few: int, many: int, appends: int) -> None:
         for chunk in range(0, stored, 250):
             created = await asyncio.gather(
                 *(
-                    store.create(Place.for_dm(1000 + i), owner_id=1, title="t", system_prompt=None)
+                    store.create(Place("dm", user_id=1000 + i), owner_id=1, title="t", system_prompt=None)
                     for i in range(chunk, min(stored, chunk + 250))
                 )
             )

@@ -50,6 +50,7 @@ async def run_bot(settings: Settings) -> None:
     import discord
 
     from bot.client import run_discord_bot
+    from bot.discord_api import ApiBaseUnreachableError
 
     token = require_secret(settings, "discord.token_env")
     try:
@@ -60,11 +61,13 @@ async def run_bot(settings: Settings) -> None:
             "discord.token_env",
             f"Discord rejected the token in {settings.discord.token_env}",
         ) from None
+    except ApiBaseUnreachableError as exc:
+        raise ConfigError(settings.source or "<config>", "discord.api_base", str(exc)) from None
 
 
 def check_start_up(settings: Settings) -> None:
     """GPU-only loading options and the Prometheus endpoint, checked before anything loads."""
-    from bot.engine.loading import check_loading_supported
+    from bot.engine.local.loading import check_loading_supported
     from bot.metrics import check_prometheus_supported
 
     check_loading_supported(settings)

@@ -10,12 +10,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import discord
-import yarl
 from discord.ext import commands
-from discord.gateway import DiscordWebSocket
 
-from bot.config import DISCORD_API_BASE, Settings
+from bot.config import Settings
 from bot.core import Core, build_engine, open_core
+from bot.discord_api import use_api_base
 from bot.discord_text import no_pings
 from bot.metrics import BotMetrics, prometheus_endpoint
 
@@ -45,8 +44,8 @@ class ChatBot(commands.AutoShardedBot):
         *,
         settings: Settings,
         core: Core,
+        metrics: BotMetrics,
         extensions: Sequence[str] = EXTENSIONS,
-        metrics: BotMetrics | None = None,
         **options: Any,
     ) -> None:
         d = settings.discord
@@ -64,15 +63,10 @@ class ChatBot(commands.AutoShardedBot):
         )
         self.settings = settings
         self.core = core
-        self.metrics = metrics or BotMetrics(settings=settings, engine=core.engine, store=core.store)
+        self.metrics = metrics
         self.initial_extensions = tuple(extensions)
 
     async def setup_hook(self) -> None:
-        if self.shard_count is not None and self.settings.discord.api_base.rstrip("/") != DISCORD_API_BASE:
-            # With a shard_count, discord.py skips GET /gateway/bot and dials Discord's own gateway; behind another
-            # API base (a proxy, the test emulator) the gateway is wherever that API says it is.
-            _, url, _ = await self.http.get_bot_gateway()
-            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
         # A cog that fails to load raises here and stops start-up: every cog is required.
         for extension in self.initial_extensions:
             await self.load_extension(extension)
@@ -102,11 +96,6 @@ class ChatBot(commands.AutoShardedBot):
     async def on_ready(self) -> None:
         assert self.user is not None
         log.info("logged in as %s (%s) in %d guilds", self.user, self.user.id, len(self.guilds))
-
-
-def use_api_base(api_base: str) -> None:
-    """Send REST calls to `api_base` (a REST proxy, or the emulator in tests): discord.py's own setting for it."""
-    discord.http.Route.BASE = api_base.rstrip("/")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -153,18 +142,20 @@ async def serve_until_stopped(bot: ChatBot, token: str, stop: asyncio.Event) -> 
 
 
 async def run_discord_bot(settings: Settings, *, token: str) -> None:
-    use_api_base(settings.discord.api_base)
     stop = asyncio.Event()
     # Installed before the model loads, so a stop during a long load is graceful too.
     with stop_requested_by_signals(stop):
-        engine = build_engine(settings)  # both engines count their own tokens (Engine.counts_tokens)
         async with (
-            open_core(settings, engine=engine) as core,
-            ChatBot(settings=settings, core=core) as bot,
-            prometheus_endpoint(settings, bot.metrics),
+            use_api_base(settings.discord.api_base),  # first: no Discord API there fails before the model loads
+            open_core(settings, engine=build_engine(settings)) as core,  # both engines count their own tokens
         ):
-            if stop.is_set():
-                log.info("stopped before connecting to Discord")
-                return
-            await serve_until_stopped(bot, token, stop)
+            metrics = BotMetrics(settings=settings, engine=core.engine, store=core.store)
+            async with (
+                ChatBot(settings=settings, core=core, metrics=metrics) as bot,
+                prometheus_endpoint(settings, metrics),
+            ):
+                if stop.is_set():
+                    log.info("stopped before connecting to Discord")
+                    return
+                await serve_until_stopped(bot, token, stop)
         log.info("stopped: history flushed, gateway closed")

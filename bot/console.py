@@ -94,7 +94,7 @@ class ConsoleChat:
         self.say("bot> ", end="")
         try:
             async with self.core.chat.turn(
-                TurnInput(place=self.place, author_id=CONSOLE_USER_ID, text=text), session=session
+                TurnInput(place=self.place, author_id=CONSOLE_USER_ID, text=text), session_id=session.id
             ) as turn:
                 async for delta in turn.stream():
                     self.say(delta, end="")

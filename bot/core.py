@@ -12,7 +12,7 @@ from bot.config import Settings
 from bot.engine import Engine, LocalEngine, RemoteEngine
 from bot.errors import ConfigError
 from bot.history import HistoryStore
-from bot.prompt import select_format
+from bot.render import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ class Core:
     settings: Settings
     store: HistoryStore
     engine: Engine
+    renderer: Renderer
     chat: ChatService
 
 
@@ -30,12 +31,9 @@ async def open_core(settings: Settings, *, engine: Engine | None = None) -> Asyn
     """Open the history store and start the engine (built from settings unless one is given)."""
     engine = engine or build_engine(settings)
     async with HistoryStore(settings.storage.data_dir) as store, started(engine, settings):
-        prompt_format = None
-        if engine.tokenizer is not None:
-            prompt_format = select_format(engine.tokenizer, settings.model.name, settings.model.prompt_format)
-        log.info("prompt format: %s", type(prompt_format).__name__ if prompt_format else "messages to the server")
-        chat = ChatService(settings=settings, store=store, engine=engine, prompt_format=prompt_format)
-        yield Core(settings=settings, store=store, engine=engine, chat=chat)
+        renderer = Renderer.for_engine(settings, engine)
+        chat = ChatService(settings=settings, store=store, engine=engine, renderer=renderer)
+        yield Core(settings=settings, store=store, engine=engine, renderer=renderer, chat=chat)
 
 
 @asynccontextmanager

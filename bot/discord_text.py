@@ -67,14 +67,3 @@ def _best_cut(text: str, budget: int) -> int:
         if ends and ends[-1] >= budget * _MIN_FILL:
             return ends[-1]
     return budget
-
-
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """All the messages needed for `text`, each within `limit`."""
-    chunks: list[str] = []
-    while len(text) > limit:
-        chunk, text = take_chunk(text, limit)
-        chunks.append(chunk)
-    if text.strip() or not chunks:
-        chunks.append(text)
-    return chunks

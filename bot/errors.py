@@ -24,6 +24,11 @@ class ConfigError(Exception):
         super().__init__(f"{self.path}: [{key}] {problem}")
 
 
+class ModelFetchError(Exception):
+    """A model the bot fetches itself (SmolLM2-135M-Instruct, bot/smollm2.py) could not be downloaded, converted or
+    cached; the message names the step and the reason."""
+
+
 class PromptTooLongError(BotError):
     """The newest message alone does not fit the model's context window."""
 
@@ -49,6 +54,37 @@ class EngineDeadError(BotError):
 
 class GenerationFailedError(BotError):
     user_message = "The model failed while writing an answer; please try again."
+
+
+class ModelOutOfMemoryError(GenerationFailedError):
+    """The answer did not fit the accelerator's memory, even alone in its batch."""
+
+    user_message = "This answer was too big for the GPU's memory right now; please try again in a little while."
+
+
+class ServerUnreachableError(GenerationFailedError):
+    """The model server could not be reached (or kept failing) before the first token."""
+
+    user_message = "The model server is not answering right now; please try again in a moment."
+
+
+class ServerBrokeOffError(GenerationFailedError):
+    """The model server failed after the answer had begun; half an answer cannot be taken back."""
+
+    user_message = "The model server stopped in the middle of the answer; please try again."
+
+
+class ServerRefusedError(GenerationFailedError):
+    """The model server refused the request (a 4xx other than 429): a problem for its operator."""
+
+    user_message = "The model server refused this request; an operator should check its log."
+
+
+class InvalidPromptError(BotError):
+    """The prompt cannot be run (empty, token IDs outside the vocabulary, a shape the engine does not take):
+    a bug on our side, not the user's."""
+
+    user_message = "I could not build a prompt the model accepts for this message; an operator should check the log."
 
 
 class StorageError(BotError):

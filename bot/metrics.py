@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib.metadata
 import importlib.util
 import logging
@@ -20,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from bot.engine import LocalEngine
-from bot.engine.base import Engine, EngineStats, GenerationRequest
+from bot.engine import Engine, LocalEngine
 from bot.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,62 +78,6 @@ class TokenRate:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-class TokenCountingEngine(Engine):
-    """Counts the streamed tokens of an engine that does not count them itself (`counts_tokens` False).
-
-    Each streamed delta is taken as one token: LocalEngine sends one delta per generated token, except that a
-    token ending inside a multi-byte character is sent with the next one (a slight undercount).
-    """
-
-    counts_tokens = True
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self._tokens = 0
-
-    # model_name, context_length and tokenizer are learned by the inner engine's start(): read them through.
-    @property  # type: ignore[override]
-    def model_name(self) -> str:
-        return self.inner.model_name
-
-    @property  # type: ignore[override]
-    def context_length(self) -> int:
-        return self.inner.context_length
-
-    @property  # type: ignore[override]
-    def tokenizer(self) -> Any:
-        return self.inner.tokenizer
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
-        async with contextlib.aclosing(self.inner.generate(request)) as deltas:
-            async for delta in deltas:
-                self._tokens += 1
-                yield delta
-
-    @property
-    def waiting(self) -> int:
-        return self.inner.waiting
-
-    @property
-    def running(self) -> int:
-        return self.inner.running
-
-    @property
-    def stats(self) -> EngineStats:
-        return dataclasses.replace(self.inner.stats, tokens_generated=self._tokens)
-
-
-def with_token_count(engine: Engine) -> Engine:
-    """`engine`, wrapped to count its streamed tokens when it does not count them itself."""
-    return engine if engine.counts_tokens else TokenCountingEngine(engine)
-
-
 class BotMetrics:
     """Computes the status figures from the core parts; `run()` samples the token count in the background."""
 
@@ -181,7 +123,7 @@ class BotMetrics:
             tokens_per_second=self._rate.per_second(),
             tokens_generated=stats.tokens_generated,
             requests=stats.requests,
-            sessions_stored=len(self.store.list_sessions()),
+            sessions_stored=self.store.session_count,
             uptime_s=self._clock() - self._started,
             version=self.version,
         )
@@ -202,11 +144,10 @@ def _backend(settings: Settings) -> str:
 
 
 def _device_and_dtype(engine: Engine) -> tuple[str, str]:
-    inner = engine.inner if isinstance(engine, TokenCountingEngine) else engine
-    if not isinstance(inner, LocalEngine):
+    if not isinstance(engine, LocalEngine):
         return "model server", "as the server loaded it"
     try:
-        model = inner.model
+        model = engine.model
     except RuntimeError:
         return "not loaded", "-"
     device_map = getattr(model, "hf_device_map", None)

@@ -80,9 +80,12 @@ class StreamingReply:
         self._last_edit = self.clock()
 
     async def _send(self, text: str) -> None:
-        # The first message replies to the user's; if theirs is gone by then, it is sent plain.
-        reference = None if self.messages else self.source.to_reference(fail_if_not_exists=False)
-        message = await self.source.channel.send(text, reference=reference, allowed_mentions=self.allowed_mentions)
+        channel, mentions = self.source.channel, self.allowed_mentions
+        if self.messages:
+            message = await channel.send(text, allowed_mentions=mentions)
+        else:  # the first message replies to the user's; if theirs is gone by then, it is sent plain
+            reference = self.source.to_reference(fail_if_not_exists=False)
+            message = await channel.send(text, reference=reference, allowed_mentions=mentions)
         self.messages.append(message)
         self._current = message
         self._shown = text

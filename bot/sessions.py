@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
@@ -21,8 +21,6 @@ MESSAGE_STATUSES: frozenset[str] = frozenset(get_args(MessageStatus))
 ROLES: frozenset[str] = frozenset(get_args(Role))
 
 SESSION_FORMAT_VERSION = 1
-# (inode, size, mtime_ns) of a session file. Every atomic write makes a new inode, so a changed file shows.
-FileStamp = tuple[int, int, int]
 # 16 characters of base64url = 96 random bits; the pattern admits no '.', '/' or '\\', so an id is a safe file name.
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{16}")
 
@@ -115,22 +113,6 @@ class Place:
             if is_set != (name in required):
                 state = "needs" if name in required else "must not have"
                 raise ValueError(f"a {self.kind} place {state} {name}")
-
-    @classmethod
-    def for_channel(cls, guild_id: int, channel_id: int) -> Place:
-        return cls("channel", guild_id=guild_id, channel_id=channel_id)
-
-    @classmethod
-    def for_thread(cls, guild_id: int, parent_id: int, thread_id: int) -> Place:
-        return cls("thread", guild_id=guild_id, channel_id=parent_id, thread_id=thread_id)
-
-    @classmethod
-    def for_dm(cls, user_id: int) -> Place:
-        return cls("dm", user_id=user_id)
-
-    @classmethod
-    def for_console(cls, user_id: int = 0) -> Place:
-        return cls("console", user_id=user_id)
 
     @property
     def key(self) -> str:
@@ -337,96 +319,3 @@ class Session:
             system_prompt=m.get("system_prompt"),
             messages=tuple(StoredMessage.from_json(x) for x in raw_messages),
         )
-
-
-def recency(summary: SessionSummary) -> tuple[datetime, datetime, str]:
-    """Sort key, newest last: updated_at, then created_at, then id (parsed, so any ISO 8601 form sorts)."""
-    return (
-        datetime.fromisoformat(summary.updated_at),
-        datetime.fromisoformat(summary.created_at),
-        summary.id,
-    )
-
-
-class SessionIndex:
-    """The session index folded into memory: summaries, file stamps, and place key -> current session id.
-
-    Changes arrive as plain-dict records (put / bind / drop) so a log on disk and this fold share one format;
-    `records()` gives the shortest list of records that rebuilds the same state.
-    """
-
-    def __init__(self) -> None:
-        self.summaries: dict[str, SessionSummary] = {}
-        self.stamps: dict[str, FileStamp] = {}
-        self.current: dict[str, str] = {}  # place key -> session id
-
-    @staticmethod
-    def put(summary: SessionSummary, stamp: FileStamp) -> dict[str, Any]:
-        return {"op": "put", "session": summary.to_json(), "file": list(stamp)}
-
-    @staticmethod
-    def bind(place_key: str, session_id: str) -> dict[str, Any]:
-        return {"op": "bind", "place": place_key, "id": session_id}
-
-    @staticmethod
-    def drop(session_id: str) -> dict[str, Any]:
-        return {"op": "drop", "id": session_id}
-
-    def apply(self, record: object) -> None:
-        """Fold one record in; junk raises ValueError/TypeError/KeyError and changes nothing."""
-        if not isinstance(record, dict):
-            raise TypeError("index record must be an object")
-        op = record["op"]
-        if op == "put":
-            summary = SessionSummary.from_json(record["session"])
-            stamp = record["file"]
-            if not (isinstance(stamp, list) and len(stamp) == 3 and all(type(x) is int for x in stamp)):
-                raise ValueError("bad file stamp")
-            self.summaries[summary.id] = summary
-            self.stamps[summary.id] = (stamp[0], stamp[1], stamp[2])
-        elif op == "bind":
-            key, sid = record["place"], record["id"]
-            summary = self.summaries.get(sid) if isinstance(sid, str) else None
-            if summary is None or summary.place.key != key:
-                raise ValueError(f"binding of {key!r} to an unknown session {sid!r}")
-            self.current[key] = sid
-        elif op == "drop":
-            self.forget(record["id"])
-        else:
-            raise ValueError(f"unknown index op {op!r}")
-
-    def forget(self, session_id: str) -> None:
-        self.summaries.pop(session_id, None)
-        self.stamps.pop(session_id, None)
-        for key in [k for k, v in self.current.items() if v == session_id]:
-            del self.current[key]
-
-    def live_records(self) -> int:
-        return len(self.summaries) + len(self.current)
-
-    def records(self) -> list[dict[str, Any]]:
-        out = [self.put(s, self.stamps[sid]) for sid, s in self.summaries.items()]
-        out += [self.bind(key, sid) for key, sid in self.current.items()]
-        return out
-
-    def select(
-        self,
-        *,
-        guild_id: int | None = None,
-        place_keys: Collection[str] | None = None,
-        user_id: int | None = None,
-        kinds: Collection[str] | None = None,
-    ) -> list[SessionSummary]:
-        """Summaries newest first; the filters AND together, and `user_id` matches the owner."""
-        keys = set(place_keys) if place_keys is not None else None
-        kind_set = set(kinds) if kinds is not None else None
-        found = [
-            s
-            for s in self.summaries.values()
-            if (guild_id is None or s.place.guild_id == guild_id)
-            and (keys is None or s.place.key in keys)
-            and (user_id is None or s.owner_id == user_id)
-            and (kind_set is None or s.place.kind in kind_set)
-        ]
-        found.sort(key=recency, reverse=True)
-        return found

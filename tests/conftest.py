@@ -53,3 +53,16 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
 def start_bot(world: World, tiny_llama_dir: Path) -> StartBot:
     """Starts our bot against `world`; the tiny LLaMA unless `model_dir=` says otherwise."""
     return bot_starter(world, tiny_llama_dir)
+
+
+SLOW_MARKS = ("load", "crash", "faults", "remote_server")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses `openai_server` (a real `transformers serve`) is `remote_server`; one with any of the
+    slow marks is also `slow`, so `pytest -m "not slow"` is the quick loop."""
+    for item in items:
+        if "openai_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.remote_server)
+        if any(item.get_closest_marker(mark) for mark in SLOW_MARKS):
+            item.add_marker(pytest.mark.slow)

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import discord.http
 from discord_emulator import Channel, DiscordEmulator, Guild, User, fail_on_logged_errors
 
-from bot.client import ChatBot, use_api_base
+from bot.client import ChatBot
 from bot.config import Settings, settings_from_mapping
 from bot.core import open_core
+from bot.discord_api import use_api_base
+from bot.metrics import BotMetrics
 from bot.sessions import Place, Session
 
 # Our own loggers too: an ERROR from the bot is a failed test, like one from discord.py.
@@ -63,14 +64,10 @@ def bot_settings(emu: DiscordEmulator, model_dir: Path, data_dir: Path, **option
 @contextlib.asynccontextmanager
 async def running_chat_bot(emu: DiscordEmulator, settings: Settings) -> AsyncIterator[ChatBot]:
     """Our ChatBot with its core, logged in to the emulator through `[discord] api_base` only."""
-    previous_base = discord.http.Route.BASE
-    use_api_base(settings.discord.api_base)
-    try:
-        with fail_on_logged_errors(*WATCHED_LOGGERS):
-            async with (
-                open_core(settings) as core,
-                ChatBot(settings=settings, core=core, guild_ready_timeout=0.1) as bot,
-            ):
+    with fail_on_logged_errors(*WATCHED_LOGGERS):
+        async with use_api_base(settings.discord.api_base), open_core(settings) as core:
+            metrics = BotMetrics(settings=settings, engine=core.engine, store=core.store)
+            async with ChatBot(settings=settings, core=core, metrics=metrics, guild_ready_timeout=0.1) as bot:
                 runner = asyncio.create_task(bot.start(emu.token), name="chat-bot")
                 ready = asyncio.create_task(bot.wait_until_ready())
                 done, _ = await asyncio.wait({runner, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -84,8 +81,6 @@ async def running_chat_bot(emu: DiscordEmulator, settings: Settings) -> AsyncIte
                 finally:
                     await bot.close()
                     await runner
-    finally:
-        discord.http.Route.BASE = previous_base
 
 
 # --- `python -m bot` as a child process -------------------------------------------------------------------

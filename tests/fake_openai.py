@@ -36,18 +36,26 @@ class DieAfter:
 
 
 @dataclass(frozen=True)
+class HangUp:
+    """Drop the connection before answering, as a server closing an idle keep-alive connection just as a request
+    arrives on it."""
+
+
+@dataclass(frozen=True)
 class Endless:
     """Stream a piece every `delay` seconds until the client goes away."""
 
     delay: float = 0.02
 
 
-Action = Reply | Status | DieAfter | Endless
+Action = Reply | Status | DieAfter | HangUp | Endless
 
 
 class FakeOpenAIServer:
-    def __init__(self, *, models: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, *, models: list[dict[str, Any]] | None = None, refuses: frozenset[str] = frozenset()) -> None:
         self.script: deque[Action] = deque()
+        # Body fields answered with a 422 naming them, as `transformers serve` answers fields it does not know.
+        self.refuses = refuses
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         self.auth: list[str | None] = []
@@ -83,7 +91,14 @@ class FakeOpenAIServer:
         self.bodies.append(body)
         self.paths.append(request.path)
         self.auth.append(request.headers.get("Authorization"))
+        unexpected = self.refuses & body.keys()
+        if unexpected:
+            return web.json_response({"detail": f"Unexpected fields in the request: {unexpected}"}, status=422)
         action = self.script.popleft() if self.script else Reply()
+        if isinstance(action, HangUp):
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()  # never sent: the connection is gone
         if isinstance(action, Status):
             return web.Response(status=action.code, text=action.body, headers=action.headers)
         chat = request.path.endswith("/chat/completions")

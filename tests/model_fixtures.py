@@ -1,12 +1,27 @@
-"""Builds the models the tests run: a tiny random LLaMA, and the cached SmolLM2-135M (shared with bench/)."""
+"""Builds the models the tests run: a tiny random LLaMA, and the cached SmolLM2-135M (bot/smollm2.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from bench.models import ensure_smollm2, llama2_tokenizer_dir, smollm2_cache_dir
+from bot.smollm2 import ensure_smollm2, smollm2_cache_dir
 
 __all__ = ["build_tiny_llama", "ensure_smollm2", "llama2_tokenizer_dir", "smollm2_cache_dir"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def llama2_tokenizer_dir() -> Path:
+    """The LLaMA-2 tokenizer checked out beside the project (or where LLAMA2_TOKENIZER_DIR points)."""
+    env = os.environ.get("LLAMA2_TOKENIZER_DIR")
+    candidates = [Path(env)] if env else [REPO / "../shared/llama2-tokenizer", REPO / "shared/llama2-tokenizer"]
+    path = next((c for c in candidates if (c / "tokenizer.model").is_file()), candidates[0])
+    if not (path / "tokenizer.model").is_file():
+        raise FileNotFoundError(
+            f"LLaMA-2 tokenizer not found at {path}: set LLAMA2_TOKENIZER_DIR to a folder holding tokenizer.model"
+        )
+    return path.resolve()
 
 
 def build_tiny_llama(target: Path, *, seed: int = 1234) -> Path:

@@ -15,7 +15,7 @@ from bot.config import Settings, settings_from_mapping
 from bot.core import Core, open_core
 from bot.errors import MessageRejectedError, PromptTooLongError
 from bot.importer import ImportFormatError, import_gradio_history
-from bot.prompt import Exchange, Llama2Format
+from bot.render import Exchange, Llama2Format
 from bot.sessions import Place
 
 CHANNEL = Place(kind="channel", guild_id=1, channel_id=10)
@@ -45,7 +45,7 @@ async def say(core: Core, text: str, place: Place = CHANNEL, author: int = 7) ->
 
 
 async def test_llama2_models_get_the_reference_format(core: Core) -> None:
-    assert isinstance(core.chat.prompt_format, Llama2Format)
+    assert isinstance(core.renderer.format, Llama2Format)
 
 
 async def test_a_turn_is_answered_and_stored(core: Core) -> None:
@@ -64,12 +64,12 @@ async def test_the_next_prompt_holds_the_earlier_turns(core: Core) -> None:
     first = await say(core, "first question")
     session = await core.store.current(CHANNEL)
     assert session is not None
-    expected = core.chat.prompt_format.encode(
+    expected = core.renderer.format.encode(
         "Be brief.",
         [Exchange("first question", first.strip())],
         "second question",
     )
-    assert core.chat._prompt_ids(session, "second question") == expected
+    assert list(core.renderer.render(session, "second question").prompt.ids) == expected
 
 
 async def test_concurrent_turns_in_one_session_both_land_in_order(core: Core) -> None:

@@ -24,6 +24,8 @@ from script_model import build_script_llama, expected_answer
 from bot.history import HistoryStore
 from bot.sessions import Session
 
+pytestmark = pytest.mark.crash
+
 SCRIPT = "a b c d e f g h i j k l m n o p"
 ANSWER_TOKENS = 16
 ROUNDS = int(os.environ.get("CRASH_ROUNDS", "12"))

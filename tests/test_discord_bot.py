@@ -275,7 +275,7 @@ async def test_a_restarted_bot_continues_the_thread_with_its_history(world: Worl
         asked = await emu.send_message(thread, world.alice, "chapter two")
         after = await finished_session(second_bot, thread_place(world, thread), turns=2)
         await emu.wait_for_message(thread, after=asked)
-        prompt = second_bot.core.chat._prompt_ids(before, "chapter two")
+        prompt = list(second_bot.core.renderer.render(before, "chapter two").prompt.ids)
     assert after.id == before.id
     assert after.exchanges()[0] == before.exchanges()[0]
     assert [u for u, _ in after.exchanges()] == ["chapter one", "chapter two"]

@@ -50,6 +50,7 @@ async def test_a_discord_turn_through_a_real_openai_compatible_server(
     assert reply["message_reference"]["message_id"] == asked["id"]
 
 
+@pytest.mark.remote_server  # starts its own `transformers serve`, not the shared openai_server
 async def test_the_server_dying_mid_answer_gives_one_clear_sentence(
     emu: DiscordEmulator, code_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -16,9 +16,17 @@ from script_model import build_script_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bot.config import ModelSettings
-from bot.engine import GenerationRequest, LocalEngine, SamplingParams
-from bot.engine.streams import FairQueue, RequestStream
-from bot.errors import EngineDeadError, GenerationFailedError, PromptTooLongError, QueueFullError
+from bot.engine import ChatMessage, GenerationRequest, LocalEngine, MessagePrompt, SamplingParams, TokenPrompt
+from bot.engine.local.output import RequestStream
+from bot.engine.local.queue import FairQueue
+from bot.errors import (
+    EngineDeadError,
+    GenerationFailedError,
+    InvalidPromptError,
+    ModelOutOfMemoryError,
+    PromptTooLongError,
+    QueueFullError,
+)
 
 PROMPTS = (
     "Hello, how are you?",
@@ -59,7 +67,7 @@ def prompt_ids(tiny_llama_dir: Path) -> list[tuple[int, ...]]:
 
 
 def request(ids: tuple[int, ...], max_new_tokens: int = 12, **sampling: float) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=ids, sampling=SamplingParams(max_new_tokens=max_new_tokens, **sampling))
+    return GenerationRequest(TokenPrompt(ids), sampling=SamplingParams(max_new_tokens=max_new_tokens, **sampling))
 
 
 async def collect(engine: LocalEngine, req: GenerationRequest) -> list[str]:
@@ -355,8 +363,14 @@ async def test_prompt_too_long_is_refused_before_the_worker(
     with pytest.raises(PromptTooLongError) as info:
         await collect(engine, request(too_long, max_new_tokens=100))
     assert (info.value.message_tokens, info.value.limit_tokens) == (len(too_long), 412)
-    with pytest.raises(ValueError, match="vocabulary"):
+    with pytest.raises(InvalidPromptError, match="vocabulary"):
         await collect(engine, request((1, 32000)))
+    with pytest.raises(InvalidPromptError, match="empty"):
+        await collect(engine, request(()))
+    messages = GenerationRequest(MessagePrompt((ChatMessage("user", "hi"),)), SamplingParams(max_new_tokens=4))
+    assert not engine.accepts_messages
+    with pytest.raises(InvalidPromptError, match="token IDs"):
+        await collect(engine, messages)
     assert "".join(await collect(engine, request(prompt_ids[0]))) == reference(prompt_ids[0], 12)
 
 
@@ -496,7 +510,7 @@ async def test_a_row_out_of_memory_alone_fails_with_a_clear_sentence_and_the_oth
     results = await asyncio.gather(*normal)
     await blocker
     for task in doomed:
-        with pytest.raises(GenerationFailedError) as info:
+        with pytest.raises(ModelOutOfMemoryError) as info:
             await task
         assert "too big for the GPU's memory right now" in info.value.user_message
     oom.remove()
@@ -515,7 +529,7 @@ async def test_a_burst_from_one_session_does_not_starve_another(
         finished: list[str] = []
 
         async def run(label: str, session: str) -> None:
-            req = GenerationRequest(prompt_ids[0], SamplingParams(max_new_tokens=2), session_id=session)
+            req = GenerationRequest(TokenPrompt(prompt_ids[0]), SamplingParams(max_new_tokens=2), session_id=session)
             await collect(engine, req)
             finished.append(label)
 
@@ -534,7 +548,9 @@ async def test_fair_queue_serves_the_group_served_least_recently_first() -> None
     loop = asyncio.get_running_loop()
 
     def stream(session: str | None) -> RequestStream:
-        return RequestStream(GenerationRequest((1, 2), SamplingParams(1), session_id=session), loop)
+        return RequestStream(
+            GenerationRequest(TokenPrompt((1, 2)), SamplingParams(1), session_id=session), (1, 2), loop
+        )
 
     queue = FairQueue()
     a1, a2, a3, anonymous, b1 = stream("a"), stream("a"), stream("a"), stream(None), stream("b")

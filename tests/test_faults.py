@@ -30,6 +30,8 @@ from bot.errors import StorageError
 from bot.sessions import Place, Session, StoredMessage
 from cogs.chat import RESTARTING
 
+pytestmark = pytest.mark.faults
+
 # One-letter tokens: 600 of them fit one Discord message (1,199 characters) and take a few seconds to write.
 LETTERS = "a b c d e f g h i j k l m n o p"
 LONG = 600

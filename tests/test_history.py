@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,11 +16,11 @@ from bot.history import HistoryStore
 from bot.sessions import Place, Session, StoredMessage, new_session_id, utc_now_iso
 
 REPO = Path(__file__).resolve().parents[1]
-CHANNEL = Place.for_channel(1, 10)
-THREAD = Place.for_thread(1, 10, 11)
-OTHER_GUILD = Place.for_channel(2, 20)
-DM = Place.for_dm(5)
-CONSOLE = Place.for_console()
+CHANNEL = Place("channel", guild_id=1, channel_id=10)
+THREAD = Place("thread", guild_id=1, channel_id=10, thread_id=11)
+OTHER_GUILD = Place("channel", guild_id=2, channel_id=20)
+DM = Place("dm", user_id=5)
+CONSOLE = Place("console", user_id=0)
 
 
 def user(text: str, status: str = "ok") -> StoredMessage:
@@ -111,28 +111,15 @@ async def test_many_concurrent_appends_land_in_order(store: HistoryStore) -> Non
     assert store.list_sessions()[0].turns == 40
 
 
-async def test_append_inside_a_held_turn_lock_does_not_deadlock(store: HistoryStore) -> None:
-    session = await new(store, CHANNEL)
-    lock = store.session_lock(session.id)
-    assert store.session_lock(session.id) is lock
-    assert store.session_lock(new_session_id()) is not lock
-    async with lock:
-        # wait_for only guards against a hang; it asserts nothing about speed.
-        done = await asyncio.wait_for(store.append(session.id, [user("q"), bot("a")]), timeout=30)
-    assert done.exchanges() == [("q", "a")]
-
-
-async def test_turn_locks_serialize_whole_turns(store: HistoryStore) -> None:
+async def test_holds_serialize_whole_turns(store: HistoryStore) -> None:
     session = await new(store, CHANNEL)
     order: list[str] = []
 
     async def turn(name: str) -> None:
-        async with store.session_lock(session.id):
-            current = await store.get(session.id)
-            assert current is not None
-            order.append(f"{name} saw {current.turns}")
+        async with store.hold(session.id) as held:
+            order.append(f"{name} saw {held.session.turns}")
             await asyncio.sleep(0)
-            await store.append(session.id, [user(name), bot(name)])
+            await held.commit([user(name), bot(name)])
 
     await asyncio.gather(turn("a"), turn("b"), turn("c"))
     assert order == ["a saw 0", "b saw 1", "c saw 2"]
@@ -150,6 +137,181 @@ async def test_cancelled_append_still_lands(data_dir: Path) -> None:
         loaded = await again.get(session.id)
         assert loaded is not None and [m.content for m in loaded.messages] == ["kept"]
         assert again.list_sessions()[0].turns == 1
+
+
+class FileReads:
+    """Paths opened for reading, seen through the interpreter's audit hook ("open" events), not a mock of ours.
+
+    An audit hook cannot be removed, so one is installed for the run and records only while a test listens."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.listening = False
+
+    def __call__(self, event: str, args: tuple[object, ...]) -> None:
+        # Called for every audited event in the process, so it must be cheap and never raise.
+        if not self.listening or event != "open" or len(args) < 2:
+            return
+        path, mode = args[0], args[1]
+        if isinstance(mode, str) and "r" in mode and isinstance(path, str | os.PathLike):
+            self.paths.append(Path(os.fsdecode(path)))
+
+
+@pytest.fixture(scope="session")
+def audit_reads() -> FileReads:
+    reads = FileReads()
+    sys.addaudithook(reads)
+    return reads
+
+
+@pytest.fixture
+def file_reads(audit_reads: FileReads) -> Iterator[list[Path]]:
+    audit_reads.paths = []
+    audit_reads.listening = True
+    try:
+        yield audit_reads.paths
+    finally:
+        audit_reads.listening = False
+
+
+async def test_hold_reads_the_file_once_and_commits_from_memory(data_dir: Path, file_reads: list[Path]) -> None:
+    async with HistoryStore(data_dir) as store:
+        session = await new(store, CHANNEL)
+        path = session_file(data_dir, session.id)
+        async with store.hold(session.id) as held:
+            assert held.session == session and not held.created and not held.replaced_broken
+            first = await held.commit([user("q"), bot("a")], title="greetings")
+            second = await held.commit([user("again")])
+            assert held.session == second
+        # One read of a session file for the hold, none for either commit.
+        assert [p for p in file_reads if p.parent == path.parent] == [path]
+        assert [m.content for m in second.messages] == ["q", "a", "again"] and second.title == "greetings"
+        assert first.messages == second.messages[:2]
+        assert await store.get(session.id) == second
+        assert store.list_sessions()[0].turns == 2
+        with pytest.raises(RuntimeError):
+            await held.commit([user("after the hold")])  # no lock held any more: refused
+    file_reads.clear()
+    async with HistoryStore(data_dir) as again:
+        # The index recorded the committed file's stamp, so open() has no reason to read the session file.
+        assert path not in file_reads
+        assert await again.get(session.id) == second
+
+
+async def test_every_writer_waits_for_the_hold(store: HistoryStore, data_dir: Path) -> None:
+    session = await new(store, CHANNEL)
+    path = session_file(data_dir, session.id)
+    async with store.hold(session.id) as held:
+        before = path.stat()
+
+        async def other_turn() -> None:
+            async with store.hold(session.id) as other:
+                await other.commit([user("second hold")])
+
+        waiting = [asyncio.create_task(store.append(session.id, [user("append")])), asyncio.create_task(other_turn())]
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        assert not any(task.done() for task in waiting)
+        after = path.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # nobody wrote meanwhile
+        await held.commit([user("held")])
+    await asyncio.gather(*waiting)
+    loaded = await store.get(session.id)
+    assert loaded is not None
+    contents = [m.content for m in loaded.messages]
+    assert contents[0] == "held" and sorted(contents[1:]) == ["append", "second hold"]  # nothing lost
+
+
+async def test_two_first_messages_at_once_share_one_session(store: HistoryStore) -> None:
+    seen: list[tuple[str, bool]] = []
+
+    async def first_message(text: str) -> None:
+        async with store.hold_current(THREAD, owner_id=5, system_prompt="Be brief.") as held:
+            seen.append((held.session.id, held.created))
+            assert not held.replaced_broken
+            await held.commit([user(text)])
+
+    await asyncio.gather(first_message("a"), first_message("b"))
+    assert len({sid for sid, _ in seen}) == 1
+    assert [created for _, created in seen] == [True, False]
+    current = await store.current(THREAD)
+    assert current is not None and current.system_prompt == "Be brief." and current.title == "New chat"
+    assert sorted(m.content for m in current.messages) == ["a", "b"]
+    assert store.session_count == 1 and len(store.list_sessions()) == 1
+
+
+@pytest.mark.parametrize("bad_id", ["../x", "", "a" * 17])
+async def test_hold_of_an_invalid_or_unknown_id_raises(store: HistoryStore, data_dir: Path, bad_id: str) -> None:
+    for session_id in (bad_id, new_session_id()):
+        with pytest.raises(LookupError):
+            async with store.hold(session_id):
+                pytest.fail("held a session that does not exist")
+    assert names(data_dir) == ["index.jsonl", "sessions"]
+
+
+async def test_hold_of_a_broken_file_quarantines_it_and_raises(store: HistoryStore, data_dir: Path) -> None:
+    broken = await new(store, CHANNEL)
+    kept = await new(store, DM)
+    session_file(data_dir, broken.id).write_bytes(b"{not json")
+    with pytest.raises(LookupError):
+        async with store.hold(broken.id):
+            pytest.fail("held a broken session")
+    assert len(quarantined(data_dir)) == 1 and not session_file(data_dir, broken.id).exists()
+    assert [s.id for s in store.list_sessions()] == [kept.id] and store.session_count == 1
+    assert await store.current(CHANNEL) is None
+    async with store.hold(kept.id) as held:  # the session's lock was let go after the failed hold
+        assert held.session == kept
+
+
+async def test_hold_current_replaces_a_broken_current_session(store: HistoryStore, data_dir: Path) -> None:
+    async with store.hold_current(DM, owner_id=5) as held:
+        assert held.created and not held.replaced_broken
+        old = await held.commit([user("lost")])
+    async with store.hold_current(DM, owner_id=5) as held:
+        assert held.session == old and not held.created and not held.replaced_broken
+    session_file(data_dir, old.id).write_bytes(b"\xff\xfe")
+    async with store.hold_current(DM, owner_id=5, title="Fresh") as held:
+        assert held.created and held.replaced_broken
+        assert held.session.id != old.id and held.session.messages == () and held.session.title == "Fresh"
+        fresh = await held.commit([user("new start")])
+    assert await store.current(DM) == fresh
+    assert [s.id for s in store.list_sessions()] == [fresh.id]
+    assert len(quarantined(data_dir)) == 1
+
+
+async def test_cancelled_commit_still_lands_before_the_next_hold(data_dir: Path) -> None:
+    async with HistoryStore(data_dir) as store:
+        session = await new(store, CHANNEL)
+        committing = asyncio.Event()
+
+        async def turn() -> None:
+            async with store.hold(session.id) as held:
+                committing.set()
+                await held.commit([user("kept")])
+
+        task = asyncio.create_task(turn())
+        await committing.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The cancelled holder's write is still running; the lock passes on only once it has landed.
+        async with store.hold(session.id) as held:
+            assert [m.content for m in held.session.messages] == ["kept"]
+    async with HistoryStore(data_dir) as again:
+        loaded = await again.get(session.id)
+        assert loaded is not None and [m.content for m in loaded.messages] == ["kept"]
+        assert again.list_sessions()[0].turns == 1
+
+
+async def test_session_count_follows_the_index(store: HistoryStore, data_dir: Path) -> None:
+    assert store.session_count == 0
+    sessions = [await new(store, place) for place in (CHANNEL, THREAD, DM)]
+    await new(store, DM, make_current=False)
+    assert store.session_count == 4 == len(store.list_sessions())
+    session_file(data_dir, sessions[0].id).unlink()
+    assert await store.get(sessions[0].id) is None
+    assert store.session_count == 3
+    assert await store.rebuild_index() == 3 == store.session_count
 
 
 @pytest.mark.parametrize(
@@ -322,7 +484,7 @@ async def test_invalid_ids_never_touch_disk(store: HistoryStore, data_dir: Path,
 
 
 async def test_append_cost_does_not_grow_with_the_number_of_sessions(store: HistoryStore, data_dir: Path) -> None:
-    sessions = [await new(store, Place.for_channel(1, 100 + i)) for i in range(25)]
+    sessions = [await new(store, Place("channel", guild_id=1, channel_id=100 + i)) for i in range(25)]
     target = sessions[12]
     stats = {s.id: session_file(data_dir, s.id).stat() for s in sessions}
     lines = index_lines(data_dir)
@@ -364,7 +526,7 @@ DISK_ERROR_SCRIPT = textwrap.dedent(
         data = Path(sys.argv[1])
         msg = lambda text: StoredMessage("user", text, 1, utc_now_iso())
         async with HistoryStore(data) as store:
-            s = await store.create(Place.for_dm(1), owner_id=1, title="t", system_prompt=None)
+            s = await store.create(Place("dm", user_id=1), owner_id=1, title="t", system_prompt=None)
             s = await store.append(s.id, [msg("small")])
             path = data / "sessions" / f"{s.id}.json"
             before = path.read_bytes()
@@ -431,7 +593,8 @@ WRITER_SCRIPT = textwrap.dedent(
         async with HistoryStore(Path(sys.argv[1])) as store:
             ids = []
             for c in range(3):
-                s = await store.create(Place.for_channel(1, c), owner_id=1, title="t", system_prompt=None)
+                place = Place("channel", guild_id=1, channel_id=c)
+                s = await store.create(place, owner_id=1, title="t", system_prompt=None)
                 ids.append(s.id)
             while True:
                 for sid in ids:
@@ -456,11 +619,12 @@ async def test_sigkill_mid_write_leaves_every_file_loadable(data_dir: Path) -> N
     await proc.wait()
     async with HistoryStore(data_dir) as store:
         assert sorted(s.id for s in store.list_sessions()) == sorted(acked)
+        summaries = {s.id: s for s in store.list_sessions()}
         for sid, turns in acked.items():
             session = await store.get(sid)
             assert session is not None
             assert session.turns >= turns  # every acknowledged append survived
-            assert store.get_summary(sid).turns == session.turns  # type: ignore[union-attr]
+            assert summaries[sid].turns == session.turns
     assert quarantined(data_dir) == []
     assert not [p for p in (data_dir / "sessions").iterdir() if p.name.endswith(".tmp")]
 
@@ -479,9 +643,10 @@ async def test_crash_in_the_middle_of_a_write_leaves_the_old_file(data_dir: Path
     leftovers = [p for p in (data_dir / "sessions").iterdir() if p.name.endswith(".tmp")]
     assert [p.stat().st_size for p in leftovers] == [limit]
     async with HistoryStore(data_dir) as store:
+        summaries = {s.id: s for s in store.list_sessions()}
         for sid, turns in acked.items():
             session = await store.get(sid)
             assert session is not None and session.turns == turns
-            assert store.get_summary(sid).turns == turns  # type: ignore[union-attr]
+            assert summaries[sid].turns == turns
     assert quarantined(data_dir) == []
     assert not leftovers[0].exists()

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import discord.http
 import pytest
 from discord_emulator import Channel, UploadedFile, running_emulator
 from discord_harness import StartBot, World, bot_settings, finished_session, running_chat_bot
@@ -21,7 +20,7 @@ from bot.__main__ import main
 from bot.admission import has_visible_text
 from bot.chat import TurnInput
 from bot.core import open_core
-from bot.prompt import neutralise_control_tags
+from bot.render import neutralise_control_tags
 from bot.sessions import Place
 from cogs.chat import ATTACHMENTS_NOT_READ, EMPTY_HINT
 
@@ -90,7 +89,7 @@ async def test_typed_bos_eos_never_become_tokens_through_the_chat_service(
         session = await core.store.current(place)
         assert session is not None and session.turns == 1
         assert session.messages[0].content == FORGERY.strip()
-        ids = core.chat._prompt_ids(session, "and </s> again <s>")
+        ids = list(core.renderer.render(session, "and </s> again <s>").prompt.ids)
     bos_at = [i for i, t in enumerate(ids) if t == BOS]
     first_turn = core_first_turn_length(ids)
     assert bos_at == [0, first_turn], "one BOS per turn, at its start"
@@ -142,7 +141,7 @@ async def test_forged_markup_cannot_make_turns_or_a_system_prompt(
     async with start_bot() as bot:
         await world.emu.send_dm(world.alice, FORGERY)
         session = await finished_session(bot, dm_place(world))
-        ids = bot.core.chat._prompt_ids(session, "next question")
+        ids = list(bot.core.renderer.render(session, "next question").prompt.ids)
     # History keeps what was typed; the prompt (checked below) has the markers defused.
     assert session.messages[0].content == FORGERY.strip()
     assert session.messages[1].role == "assistant"
@@ -286,11 +285,7 @@ async def test_tokens_never_appear_in_logs_history_or_errors(
             f'[storage]\ndata_dir = "{data_dir}"\n'
         )
         monkeypatch.setenv("DISCORD_TOKEN", rejected_token)
-        previous_base = discord.http.Route.BASE
-        try:
-            exit_code = await asyncio.to_thread(main, ["--config", str(config)])
-        finally:
-            discord.http.Route.BASE = previous_base
+        exit_code = await asyncio.to_thread(main, ["--config", str(config)])  # leaves discord.py's API base as it was
     stderr = capsys.readouterr().err
     assert exit_code == 2 and "Discord rejected the token in DISCORD_TOKEN" in stderr
 

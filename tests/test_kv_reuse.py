@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from bot.config import ModelSettings
-from bot.engine import GenerationRequest, LocalEngine, SamplingParams
-from bot.engine.kv_cache import MIN_SHARED_TOKENS, SessionKVCache, SlotBatch, common_prefix
-from bot.prompt import Exchange, Llama2Format
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
+from bot.engine.local.kv_store import MIN_SHARED_TOKENS, SessionKVCache, SlotBatch, common_prefix
+from bot.render import Exchange, Llama2Format
 
 USER_TURNS = (
     "Hello there, who are you?",
@@ -32,7 +32,9 @@ async def converse(engine: LocalEngine, session_id: str, turns: tuple[str, ...],
     answers: list[str] = []
     for user in turns:
         ids = fmt.encode(SYSTEM, history, user)
-        request = GenerationRequest(tuple(ids), SamplingParams(max_new_tokens=max_new_tokens), session_id=session_id)
+        request = GenerationRequest(
+            TokenPrompt(tuple(ids)), SamplingParams(max_new_tokens=max_new_tokens), session_id=session_id
+        )
         answer = "".join([delta async for delta in engine.generate(request)])
         answers.append(answer)
         history.append(Exchange(user=user, assistant=answer.strip()))
@@ -69,7 +71,7 @@ async def test_a_prompt_that_does_not_extend_the_cache_gets_a_fresh_prefill(tiny
         other = tuple(fmt.encode(None, [], "Something else entirely"))
 
         async def answer(ids: tuple[int, ...], session_id: str | None) -> str:
-            request = GenerationRequest(ids, SamplingParams(max_new_tokens=10), session_id=session_id)
+            request = GenerationRequest(TokenPrompt(ids), SamplingParams(max_new_tokens=10), session_id=session_id)
             return "".join([d async for d in engine.generate(request)])
 
         await answer(first, "s")
@@ -172,14 +174,16 @@ async def test_prompts_with_a_common_head_share_its_prefill_and_answer_as_alone(
         prompts = [tuple(fmt.encode(fmt_system, [], user)) for user in USER_TURNS]
 
         async def answer(ids: tuple[int, ...]) -> str:
-            request = GenerationRequest(ids, SamplingParams(max_new_tokens=12))
+            request = GenerationRequest(TokenPrompt(ids), SamplingParams(max_new_tokens=12))
             return "".join([d async for d in engine.generate(request)])
 
         together = await asyncio.gather(*(answer(p) for p in prompts))
         assert engine.stats.reused_tokens >= (len(prompts) - 1) * MIN_SHARED_TOKENS
     async with LocalEngine(settings(tiny_llama_dir, budget_mb=0)) as plain:
         alone = [
-            "".join([d async for d in plain.generate(GenerationRequest(p, SamplingParams(max_new_tokens=12)))])
+            "".join(
+                [d async for d in plain.generate(GenerationRequest(TokenPrompt(p), SamplingParams(max_new_tokens=12)))]
+            )
             for p in prompts
         ]
         assert plain.stats.reused_tokens == 0

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from load_test import LoadShape, run_load
 
 from bot.admission import UserBusyError
 from bot.errors import QueueFullError
+
+pytestmark = pytest.mark.load
 
 # Far above what the bot needs (a few MiB of messages, history and Discord state); a leak that keeps every
 # prompt, stream or message would pass it.

@@ -1,6 +1,6 @@
-"""Loading options for small and several GPUs (bot/engine/loading.py): the from_pretrained keywords, and the clear
-start-up error a machine without CUDA gives. The GPU path itself (bitsandbytes 4/8-bit, several GPUs) needs a CUDA
-machine and is not exercised here."""
+"""Loading options for small and several GPUs (bot/engine/local/loading.py): the from_pretrained keywords, and the
+clear start-up errors of a machine without CUDA and of an untested transformers. The GPU path itself (bitsandbytes
+4/8-bit, several GPUs) needs a CUDA machine and is not exercised here."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from bot.config import load_settings, settings_from_mapping
-from bot.engine import GenerationRequest, LocalEngine, SamplingParams
-from bot.engine.loading import check_loading_supported, model_load_kwargs
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
+from bot.engine.local.loading import (
+    UnsupportedTransformersError,
+    check_loading_supported,
+    check_transformers_version,
+    model_load_kwargs,
+)
 from bot.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +92,27 @@ def test_bad_loading_settings_name_the_key(model: dict[str, object], key: str) -
     assert f"[{key}]" in str(info.value)
 
 
+@pytest.mark.parametrize("version", ["5.24.0", "5.24.3", "5.24.0.dev0"])
+def test_the_tested_transformers_minor_version_passes(version: str) -> None:
+    check_transformers_version(version)
+
+
+@pytest.mark.parametrize("version", ["5.30.1", "6.0", "5.23.9", "4.57.1", "garbage"])
+def test_another_transformers_version_is_refused_in_one_sentence(version: str) -> None:
+    with pytest.raises(UnsupportedTransformersError) as info:
+        check_transformers_version(version)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"tested with transformers 5.24.x and {version} is installed" in message
+    assert "pip install 'transformers>=5.24,<5.25'" in message
+
+
+def test_the_installed_transformers_is_the_tested_one() -> None:
+    import transformers
+
+    check_transformers_version(transformers.__version__)
+
+
 async def test_a_model_loads_through_accelerate_within_max_memory(tiny_llama_dir: Path) -> None:
     model = settings_from_mapping(
         {"model": {"name": str(tiny_llama_dir), "max_memory": {"cpu": "2GiB"}, "max_new_tokens": 4, "temperature": 0}}
@@ -94,7 +120,7 @@ async def test_a_model_loads_through_accelerate_within_max_memory(tiny_llama_dir
     async with LocalEngine(model) as engine:
         assert engine.model.device.type == "cpu"
         prompt = tuple(engine.tokenizer.encode("hello"))
-        request = GenerationRequest(prompt_ids=prompt, sampling=SamplingParams(max_new_tokens=4))
+        request = GenerationRequest(TokenPrompt(prompt), sampling=SamplingParams(max_new_tokens=4))
         assert [d async for d in engine.generate(request)]
 
 

@@ -13,10 +13,17 @@ from fake_openai import FakeOpenAIServer
 
 from bot.config import settings_from_mapping
 from bot.core import build_engine
-from bot.engine import ChatMessage, GenerationRequest, LocalEngine, RemoteEngine, SamplingParams
+from bot.engine import (
+    ChatMessage,
+    GenerationRequest,
+    LocalEngine,
+    MessagePrompt,
+    RemoteEngine,
+    SamplingParams,
+    TokenPrompt,
+)
 from bot.history import HistoryStore
 from bot.metrics import BotMetrics, PrometheusEndpoint, TokenRate, prometheus_endpoint
-from bot.metrics import with_token_count as counted
 
 PROMPT = (1, 518, 25580, 29962, 22172, 518, 29914, 25580, 29962)
 
@@ -44,13 +51,11 @@ async def fake() -> AsyncIterator[FakeOpenAIServer]:
 
 
 def request(max_new_tokens: int = 8) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=PROMPT, sampling=SamplingParams(max_new_tokens=max_new_tokens))
+    return GenerationRequest(TokenPrompt(PROMPT), sampling=SamplingParams(max_new_tokens=max_new_tokens))
 
 
 def chat_request() -> GenerationRequest:
-    return GenerationRequest(
-        prompt_ids=(), sampling=SamplingParams(max_new_tokens=8), messages=(ChatMessage("user", "hi"),)
-    )
+    return GenerationRequest(MessagePrompt((ChatMessage("user", "hi"),)), sampling=SamplingParams(max_new_tokens=8))
 
 
 def test_token_rate_covers_the_last_minute_only() -> None:
@@ -79,7 +84,6 @@ async def test_the_remote_engine_counts_streamed_tokens_and_the_figures_show_the
     clock = FakeClock()
     engine = build_engine(settings)
     assert isinstance(engine, RemoteEngine)
-    assert counted(engine) is engine  # it counts its own tokens: no wrapper
     async with HistoryStore(tmp_path / "data") as store, engine:
         metrics = BotMetrics(settings=settings, engine=engine, store=store, clock=clock)
         metrics.sample()
@@ -103,8 +107,8 @@ async def test_a_local_engine_counts_its_own_tokens(tiny_llama_dir: Path, tmp_pa
     settings = settings_from_mapping(
         {"model": {"name": str(tiny_llama_dir), "device_map": "cpu", "temperature": 0, "max_new_tokens": 12}}
     )
-    engine = counted(build_engine(settings))
-    assert isinstance(engine, LocalEngine) and engine.counts_tokens
+    engine = build_engine(settings)
+    assert isinstance(engine, LocalEngine)
     async with HistoryStore(tmp_path / "data") as store, engine:
         deltas = [d async for d in engine.generate(request(max_new_tokens=12))]
         metrics = BotMetrics(settings=settings, engine=engine, store=store)

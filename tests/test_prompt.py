@@ -1,4 +1,4 @@
-"""bot/prompt.py against the real LLaMA-2 tokenizer and Meta's reference chat_completion."""
+"""bot/render/ (formats and fitting) against the real LLaMA-2 tokenizer and Meta's reference chat_completion."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sentencepiece
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bot.errors import PromptTooLongError
-from bot.prompt import (
+from bot.render import (
     BuiltPrompt,
     ChatTemplateFormat,
     Exchange,
     Llama2Format,
-    build_prompt,
+    fit_tokens,
     select_format,
 )
 
@@ -207,7 +207,7 @@ NEWEST = "And what about the newest question?"
 def test_everything_fits(llama2: Llama2Format) -> None:
     history = make_history(5)
     full = llama2.encode(SYSTEM, history, NEWEST)
-    built = build_prompt(llama2, SYSTEM, history, NEWEST, context_length=len(full) + 100, max_new_tokens=100)
+    built = fit_tokens(llama2, SYSTEM, history, NEWEST, context_length=len(full) + 100, max_new_tokens=100)
     assert built == BuiltPrompt(token_ids=full, kept_exchanges=5, dropped_exchanges=0)
 
 
@@ -217,7 +217,7 @@ def test_oldest_exchanges_go_first(llama2: Llama2Format, tokenizer, system: str 
     full = llama2.encode(system, history, NEWEST)
     max_new = 64
     context = len(full) // 2 + max_new
-    built = build_prompt(llama2, system, history, NEWEST, context_length=context, max_new_tokens=max_new)
+    built = fit_tokens(llama2, system, history, NEWEST, context_length=context, max_new_tokens=max_new)
     k = built.dropped_exchanges
     assert 0 < k < 12 and built.kept_exchanges == 12 - k
     # Exactly the newest 12-k exchanges, with the system prompt moved onto the first kept one.
@@ -242,8 +242,8 @@ def test_fast_path_equals_re_encoding(llama2: Llama2Format) -> None:
     full = len(llama2.encode(SYSTEM, history, NEWEST))
     alone = len(llama2.open_turn_ids(NEWEST, SYSTEM))
     for budget in range(alone, full + 2, 7):
-        a = build_prompt(llama2, SYSTEM, history, NEWEST, context_length=budget + 10, max_new_tokens=10)
-        b = build_prompt(Plain(), SYSTEM, history, NEWEST, context_length=budget + 10, max_new_tokens=10)
+        a = fit_tokens(llama2, SYSTEM, history, NEWEST, context_length=budget + 10, max_new_tokens=10)
+        b = fit_tokens(Plain(), SYSTEM, history, NEWEST, context_length=budget + 10, max_new_tokens=10)
         assert a == b, budget
         assert len(a.token_ids) <= budget
 
@@ -251,13 +251,13 @@ def test_fast_path_equals_re_encoding(llama2: Llama2Format) -> None:
 def test_exact_boundaries(llama2: Llama2Format) -> None:
     history = make_history(3)
     full = llama2.encode(SYSTEM, history, NEWEST)
-    fits = build_prompt(llama2, SYSTEM, history, NEWEST, context_length=len(full) + 5, max_new_tokens=5)
+    fits = fit_tokens(llama2, SYSTEM, history, NEWEST, context_length=len(full) + 5, max_new_tokens=5)
     assert fits.dropped_exchanges == 0
-    tight = build_prompt(llama2, SYSTEM, history, NEWEST, context_length=len(full) + 4, max_new_tokens=5)
+    tight = fit_tokens(llama2, SYSTEM, history, NEWEST, context_length=len(full) + 4, max_new_tokens=5)
     assert tight.dropped_exchanges == 1
 
     alone = llama2.open_turn_ids(NEWEST, SYSTEM)
-    only = build_prompt(llama2, SYSTEM, history, NEWEST, context_length=len(alone) + 5, max_new_tokens=5)
+    only = fit_tokens(llama2, SYSTEM, history, NEWEST, context_length=len(alone) + 5, max_new_tokens=5)
     assert only == BuiltPrompt(token_ids=alone, kept_exchanges=0, dropped_exchanges=3)
     assert only.token_ids == llama2.encode(SYSTEM, [], NEWEST)
 
@@ -269,7 +269,7 @@ def test_newest_message_too_long(llama2: Llama2Format, system: str | None) -> No
     with_system = len(llama2.open_turn_ids(message, system))
     context, max_new = 200, 50
     with pytest.raises(PromptTooLongError) as info:
-        build_prompt(llama2, system, make_history(4), message, context_length=context, max_new_tokens=max_new)
+        fit_tokens(llama2, system, make_history(4), message, context_length=context, max_new_tokens=max_new)
     err = info.value
     assert err.message_tokens == turn
     assert err.limit_tokens == (context - max_new) - (with_system - turn)
@@ -280,13 +280,13 @@ def test_newest_message_too_long(llama2: Llama2Format, system: str | None) -> No
 def test_too_long_by_one_token(llama2: Llama2Format) -> None:
     alone = llama2.open_turn_ids(NEWEST, SYSTEM)
     with pytest.raises(PromptTooLongError) as info:
-        build_prompt(llama2, SYSTEM, [], NEWEST, context_length=len(alone) + 9, max_new_tokens=10)
+        fit_tokens(llama2, SYSTEM, [], NEWEST, context_length=len(alone) + 9, max_new_tokens=10)
     assert info.value.message_tokens == info.value.limit_tokens + 1
 
 
 def test_budget_must_leave_room(llama2: Llama2Format) -> None:
     with pytest.raises(ValueError, match="max_new_tokens"):
-        build_prompt(llama2, None, [], "hi", context_length=100, max_new_tokens=100)
+        fit_tokens(llama2, None, [], "hi", context_length=100, max_new_tokens=100)
 
 
 # --- chat template format ---------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_chat_template_budget(template_tokenizer) -> None:
     history = make_history(10)
     full = fmt.encode(SYSTEM, history, NEWEST)
     context, max_new = len(full) // 2 + 32, 32
-    built = build_prompt(fmt, SYSTEM, history, NEWEST, context_length=context, max_new_tokens=max_new)
+    built = fit_tokens(fmt, SYSTEM, history, NEWEST, context_length=context, max_new_tokens=max_new)
     k = built.dropped_exchanges
     assert 0 < k < 10 and built.kept_exchanges == 10 - k
     assert built.token_ids == fmt.encode(SYSTEM, history[k:], NEWEST)
@@ -322,7 +322,7 @@ def test_chat_template_budget(template_tokenizer) -> None:
 
     alone = fmt.encode(SYSTEM, [], NEWEST)
     with pytest.raises(PromptTooLongError) as info:
-        build_prompt(fmt, SYSTEM, history, NEWEST, context_length=len(alone) + 31, max_new_tokens=32)
+        fit_tokens(fmt, SYSTEM, history, NEWEST, context_length=len(alone) + 31, max_new_tokens=32)
     assert info.value.message_tokens == len(fmt.encode(None, [], NEWEST))
     assert info.value.message_tokens == info.value.limit_tokens + 1
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import ModelSettings
-from bot.engine import GenerationRequest, LocalEngine, SamplingParams
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
 
 pytestmark = pytest.mark.real_model
 
@@ -22,7 +22,7 @@ async def test_smollm2_knows_the_capital_of_france(smollm2_dir: Path) -> None:
             return_dict=False,
         )
         request = GenerationRequest(
-            prompt_ids=tuple(prompt), sampling=SamplingParams(max_new_tokens=settings.max_new_tokens)
+            TokenPrompt(tuple(prompt)), sampling=SamplingParams(max_new_tokens=settings.max_new_tokens)
         )
         deltas = [delta async for delta in engine.generate(request)]
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
+from bot.history.index import SessionIndex
 from bot.sessions import (
     Place,
     Session,
-    SessionIndex,
     SessionSummary,
     StoredMessage,
     is_valid_session_id,
@@ -28,7 +28,7 @@ def msg(role: str, content: str, status: str = "ok") -> StoredMessage:
 def make_session(*messages: StoredMessage) -> Session:
     return Session(
         id=new_session_id(),
-        place=Place.for_thread(1, 2, 3),
+        place=Place("thread", guild_id=1, channel_id=2, thread_id=3),
         owner_id=7,
         title="chat",
         created_at=T0,
@@ -39,12 +39,12 @@ def make_session(*messages: StoredMessage) -> Session:
 
 
 def test_place_keys() -> None:
-    assert Place.for_channel(11, 22).key == "channel:11:22"
-    assert Place.for_thread(11, 22, 33).key == "thread:11:33"
-    assert Place.for_thread(11, 22, 33).channel_id == 22
-    assert Place.for_dm(5).key == "dm:5"
-    assert Place.for_console().key == "console:0"
-    assert Place.for_console(1000).key == "console:1000"
+    assert Place("channel", guild_id=11, channel_id=22).key == "channel:11:22"
+    assert Place("thread", guild_id=11, channel_id=22, thread_id=33).key == "thread:11:33"
+    assert Place("thread", guild_id=11, channel_id=22, thread_id=33).channel_id == 22
+    assert Place("dm", user_id=5).key == "dm:5"
+    assert Place("console", user_id=0).key == "console:0"
+    assert Place("console", user_id=1000).key == "console:1000"
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,13 @@ def test_place_rejects_bool_id() -> None:
 
 
 @pytest.mark.parametrize(
-    "place", [Place.for_channel(1, 2), Place.for_thread(1, 2, 3), Place.for_dm(4), Place.for_console()]
+    "place",
+    [
+        Place("channel", guild_id=1, channel_id=2),
+        Place("thread", guild_id=1, channel_id=2, thread_id=3),
+        Place("dm", user_id=4),
+        Place("console", user_id=0),
+    ],
 )
 def test_place_json_round_trip(place: Place) -> None:
     assert Place.from_json(json.loads(json.dumps(place.to_json()))) == place

@@ -3,11 +3,9 @@ each gets its own guild's events, answers only there, and keeps that guild's ses
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from discord.gateway import DiscordWebSocket
 from discord_emulator import running_emulator
 from discord_harness import bot_settings, finished_session, running_chat_bot
 
@@ -15,14 +13,6 @@ from bot.client import ChatBot
 from bot.config import settings_from_mapping
 from bot.errors import ConfigError
 from bot.sessions import Place
-
-
-@pytest.fixture(autouse=True)
-def restore_default_gateway() -> Iterator[None]:
-    # ChatBot points discord.py's default gateway at the emulator when it runs with a shard_count.
-    previous = DiscordWebSocket.DEFAULT_GATEWAY
-    yield
-    DiscordWebSocket.DEFAULT_GATEWAY = previous
 
 
 async def test_each_shard_answers_only_its_own_guild(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -15,7 +15,7 @@ from discord_harness import WATCHED_LOGGERS, bot_settings, finished_session
 from bot.client import ChatBot
 from bot.config import Settings
 from bot.core import build_engine, open_core
-from bot.metrics import with_token_count
+from bot.metrics import BotMetrics
 from bot.sessions import Place
 from cogs.status import ADMINS_ONLY
 
@@ -24,14 +24,15 @@ MANAGE_GUILD = 1 << 5
 
 @contextlib.asynccontextmanager
 async def status_bot(emu: DiscordEmulator, settings: Settings) -> AsyncIterator[ChatBot]:
-    """The bot as `run_discord_bot` builds it: its engine wrapped to count tokens."""
+    """The bot as `run_discord_bot` builds it."""
     with fail_on_logged_errors(*WATCHED_LOGGERS):
-        async with (
-            open_core(settings, engine=with_token_count(build_engine(settings))) as core,
-            ChatBot(settings=settings, core=core, guild_ready_timeout=0.1) as bot,
-            run_bot(bot, emu, timeout=30),
-        ):
-            yield bot
+        async with open_core(settings, engine=build_engine(settings)) as core:
+            metrics = BotMetrics(settings=settings, engine=core.engine, store=core.store)
+            async with (
+                ChatBot(settings=settings, core=core, metrics=metrics, guild_ready_timeout=0.1) as bot,
+                run_bot(bot, emu, timeout=30),
+            ):
+                yield bot
 
 
 async def test_status_shows_admins_the_figures_and_refuses_others(tmp_path: Path, tiny_llama_dir: Path) -> None:

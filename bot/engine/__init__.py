@@ -1,8 +1,17 @@
-"""Inference engines: token IDs in, streamed text out."""
+"""Inference engines: a prompt (token IDs, or chat messages for a server) in, streamed text out."""
 
 from __future__ import annotations
 
-from bot.engine.base import ChatMessage, Engine, EngineStats, GenerationRequest, SamplingParams
+from bot.engine.base import (
+    ChatMessage,
+    Engine,
+    EngineStats,
+    GenerationRequest,
+    MessagePrompt,
+    Prompt,
+    SamplingParams,
+    TokenPrompt,
+)
 from bot.engine.local import LocalEngine
 from bot.engine.remote import RemoteEngine, RetryPolicy
 
@@ -12,7 +21,10 @@ __all__ = [
     "EngineStats",
     "GenerationRequest",
     "LocalEngine",
+    "MessagePrompt",
+    "Prompt",
     "RemoteEngine",
     "RetryPolicy",
     "SamplingParams",
+    "TokenPrompt",
 ]

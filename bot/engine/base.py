@@ -1,9 +1,10 @@
-"""The engine interface: token IDs in, a stream of text deltas out. Knows nothing of sessions or Discord."""
+"""The engine interface: a prompt in (token IDs, or chat messages for a server that templates them), a stream of
+text deltas out. Knows nothing of sessions or Discord; bot/render.py builds the prompt and fits it to the context."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
@@ -59,14 +60,28 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class TokenPrompt:
+    """Token IDs ready for the model: the answer is generated right after them."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MessagePrompt:
+    """A conversation for a server that applies the model's chat template itself (an OpenAI chat endpoint)."""
+
+    messages: tuple[ChatMessage, ...]
+
+
+Prompt = TokenPrompt | MessagePrompt
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    prompt_ids: tuple[int, ...]
+    prompt: Prompt
     sampling: SamplingParams
     # A hint for reusing a conversation's KV cache later; engines may ignore it.
     session_id: str | None = None
-    # The same conversation as `prompt_ids`, as messages: for a remote server that applies its own chat template.
-    # Engines that take token IDs ignore it.
-    messages: tuple[ChatMessage, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +96,7 @@ class EngineStats:
     reused_tokens: int = 0  # prompt tokens taken from a session's cached KV instead
     cached_sessions: int = 0
     cache_bytes: int = 0
-    tokens_generated: int = 0  # answer tokens streamed (0 from an engine whose counts_tokens is False)
+    tokens_generated: int = 0  # answer tokens streamed
 
 
 class Engine(ABC):
@@ -91,8 +106,9 @@ class Engine(ABC):
     context_length: int
     # None only for a remote engine without a local tokenizer: prompts then go to the server as messages.
     tokenizer: PreTrainedTokenizerBase | None
-    # Whether stats.tokens_generated is kept by the engine itself; bot.metrics counts for engines that do not.
-    counts_tokens: ClassVar[bool] = False
+    # Whether generate() takes a MessagePrompt (a server that applies the chat template); every engine takes a
+    # TokenPrompt. bot/render.py asks this once, to pick the prompt's shape.
+    accepts_messages: ClassVar[bool] = False
 
     @abstractmethod
     async def start(self) -> None:
@@ -115,7 +131,7 @@ class Engine(ABC):
         await self.close()
 
     @abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[str, None]:
         """Stream the answer's text deltas.
 
         Raises QueueFullError at once when the queue is full, EngineDeadError when the engine is closed or its

@@ -7,7 +7,7 @@
         general = emu.add_text_channel(guild, "general")
         bot = MyBot(...)  # AutoShardedBot without shard_count, guild_ready_timeout=0.1
         with fail_on_logged_errors():
-            async with run_bot(bot, emu):  # sets Route.BASE, logs in, connects, waits for on_ready
+            async with run_bot(bot, emu):  # points discord.py at emu, logs in, connects, waits for on_ready
                 await bot.tree.sync()
                 msg = await emu.send_message(general, alice, f"{emu.bot_user.mention} hi")
                 reply = await emu.wait_for_message(general, after=msg)

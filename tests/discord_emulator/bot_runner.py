@@ -7,7 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import discord
-import discord.http
+
+from bot.discord_api import use_api_base
 
 from .server import DiscordEmulator
 
@@ -28,28 +29,23 @@ async def run_bot(
 ) -> AsyncIterator[None]:
     """Logs `client` in against `emu`, connects it, waits for on_ready; closes it on exit.
 
-    Without a shard_count discord.py asks GET /gateway/bot for the gateway URL, which is how it finds the
-    emulator's websocket. With one it dials Discord's own gateway instead, unless the client points
-    discord.py at the URL from GET /gateway/bot itself (our ChatBot does when its api_base is not Discord's).
-    """
-    previous_base = discord.http.Route.BASE
-    discord.http.Route.BASE = emu.api_base
+    discord.py's REST calls and gateway go to the emulator for the duration (bot.discord_api.use_api_base)."""
     connect: asyncio.Task[None] | None = None
-    try:
-        await client.login(emu.token)
-        connect = asyncio.create_task(client.connect(), name="discord-client-connect")
-        ready = asyncio.create_task(client.wait_until_ready(), name="discord-client-ready")
-        done, _ = await asyncio.wait({connect, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if ready not in done:
-            ready.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ready
-            if connect in done:
-                connect.result()
-            raise TimeoutError(f"the client did not become ready within {timeout}s")
-        yield
-    finally:
-        await client.close()
-        if connect is not None:
-            await connect
-        discord.http.Route.BASE = previous_base
+    async with use_api_base(emu.api_base):
+        try:
+            await client.login(emu.token)
+            connect = asyncio.create_task(client.connect(), name="discord-client-connect")
+            ready = asyncio.create_task(client.wait_until_ready(), name="discord-client-ready")
+            done, _ = await asyncio.wait({connect, ready}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if ready not in done:
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
+                if connect in done:
+                    connect.result()
+                raise TimeoutError(f"the client did not become ready within {timeout}s")
+            yield
+        finally:
+            await client.close()
+            if connect is not None:
+                await connect

@@ -35,10 +35,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TOKEN_FREE_PREFIXES = ("/interactions/", "/webhooks/")
+# GET /gateway needs no token on Discord either (GET /gateway/bot does).
+TOKEN_FREE_PATHS = ("/gateway",)
 
 
 class DiscordEmulator:
-    """A fake Discord on 127.0.0.1:<random port>; point discord.py at it with `Route.BASE = emu.api_base`."""
+    """A fake Discord on 127.0.0.1:<random port>; point discord.py at it with `use_api_base(emu.api_base)`
+    (bot/discord_api.py), as `run_bot` does."""
 
     def __init__(
         self,
@@ -140,7 +143,7 @@ class DiscordEmulator:
         try:
             response = self._injected_failure(call)
             if response is None:
-                needs_token = api and not path.startswith(TOKEN_FREE_PREFIXES)
+                needs_token = api and not path.startswith(TOKEN_FREE_PREFIXES) and path not in TOKEN_FREE_PATHS
                 if needs_token and request.headers.get("Authorization") != f"Bot {self.token}":
                     raise ApiError(401, 0, "401: Unauthorized")
                 response = await handler(request)

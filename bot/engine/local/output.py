@@ -1,13 +1,12 @@
-"""A request's way through the engine: the fair waiting queue, a thread-safe stream back to its consumer, and the
-text deltas decoded from its tokens."""
+"""What goes back from LocalEngine's worker thread to a request's consumer: each row's new tokens checked for the
+end of its answer and decoded into text deltas, a thread-safe stream per request, and the outbox that hands a
+whole step's items over at once (vLLM's output processor and detokenizer, in small)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -21,8 +20,12 @@ _INCOMPLETE_CHAR: Final = "\ufffd"
 class RequestStream:
     """One request's channel from the worker thread to its consumer on the event loop."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, request: GenerationRequest, prompt_ids: tuple[int, ...], loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.request = request
+        # The request's TokenPrompt ids, checked by the engine: the worker reads them often.
+        self.prompt_ids = prompt_ids
         self.loop = loop
         self.queue: asyncio.Queue[object] = asyncio.Queue()
         # Written by the consumer, read by the worker: a plain bool is enough, the worker only polls it.
@@ -43,82 +46,6 @@ class RequestStream:
                 self.push(item)
             else:
                 outbox.put(self, item)
-
-
-class FairQueue:
-    """Waiting requests, served round-robin across sessions so that one user's burst does not starve the others.
-
-    The next request is the oldest of the group served least recently (a group never served first, oldest request
-    first among those). A group is a session; a request without one is a group of its own. A group remembers when
-    it was last served for as long as it has a request open (waiting or running): a session whose only request was
-    just admitted is not new when its next one arrives, and forgetting closed groups keeps the memory bounded by
-    the open requests. Not thread-safe: the engine holds its lock around every call.
-    """
-
-    def __init__(self) -> None:
-        self._groups: dict[object, deque[tuple[int, RequestStream]]] = {}
-        self._served: dict[object, int] = {}
-        self._open: dict[object, int] = {}
-        self._arrivals = itertools.count()
-        self._ticks = itertools.count()
-        self._len = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def push(self, stream: RequestStream) -> None:
-        key = _group(stream)
-        self._groups.setdefault(key, deque()).append((next(self._arrivals), stream))
-        self._open[key] = self._open.get(key, 0) + 1
-        self._len += 1
-
-    def peek(self) -> RequestStream:
-        """The request pop() returns next; IndexError when none waits."""
-        return self._groups[self._next_group()][0][1]
-
-    def pop(self) -> RequestStream:
-        key = self._next_group()
-        group = self._groups[key]
-        _, stream = group.popleft()
-        if not group:
-            del self._groups[key]
-        self._served[key] = next(self._ticks)
-        self._len -= 1
-        return stream
-
-    def forget(self, stream: RequestStream) -> None:
-        """The request left the engine (answered, failed or abandoned): drop it from the queue if it still waits."""
-        key = _group(stream)
-        group = self._groups.get(key)
-        if group is not None:
-            for i, (_, waiting) in enumerate(group):
-                if waiting is stream:
-                    del group[i]
-                    self._len -= 1
-                    if not group:
-                        del self._groups[key]
-                    break
-        left = self._open.get(key, 0) - 1
-        if left > 0:
-            self._open[key] = left
-        else:
-            self._open.pop(key, None)
-            self._served.pop(key, None)
-
-    def clear(self) -> None:
-        """Drop every waiting request (their streams are settled by the caller)."""
-        self._groups.clear()
-        self._len = 0
-
-    def _next_group(self) -> object:
-        if not self._groups:
-            raise IndexError("no request waits")
-        return min(self._groups, key=lambda key: (self._served.get(key, -1), self._groups[key][0][0]))
-
-
-def _group(stream: RequestStream) -> object:
-    session = stream.request.session_id
-    return stream if session is None else session
 
 
 class Outbox:
@@ -149,6 +76,62 @@ class Outbox:
 def _deliver(items: list[tuple[RequestStream, object]]) -> None:
     for stream, item in items:
         stream.queue.put_nowait(item)
+
+
+class Row:
+    """One request in the running batch: the tokens fed to the model so far, and its answer's tokens checked for
+    the end (EOS, max_new_tokens, the consumer gone) and streamed as text."""
+
+    def __init__(
+        self,
+        stream: RequestStream,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: frozenset[int],
+        outbox: Outbox,
+    ) -> None:
+        self.stream = stream
+        self.request = stream.request
+        self.prompt = stream.prompt_ids
+        self.fed: list[int] = []
+        self.generated = 0
+        self.next_token = -1
+        self.done = False
+        self.failed = False  # its stream got an error; its cache is not kept
+        self._eos_ids = eos_ids
+        self._outbox = outbox
+        self._text = DeltaText(stream, tokenizer, outbox)
+
+    @property
+    def leaving(self) -> bool:
+        return self.done or self.stream.cancelled
+
+    def accept(self, token: int) -> bool:
+        """Take the model's next token: stream it, or end the row on EOS or at its max_new_tokens; True when it
+        was an answer token (streamed)."""
+        if self.stream.cancelled:
+            self.done = True
+            return False
+        if token in self._eos_ids:
+            self.complete()
+            return False
+        self.generated += 1
+        self._text.add(token)
+        if self.generated >= self.request.sampling.max_new_tokens:
+            self.complete()
+        else:
+            self.next_token = token
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        self.done = self.failed = True
+        self.stream.finish(error, outbox=self._outbox)
+
+    def complete(self) -> None:
+        # The stream itself ends in retire(), once the row's cache is stored: a consumer that saw its answer end
+        # finds its session's cache in place for the next turn.
+        if not self.done:
+            self.done = True
+            self._text.flush()
 
 
 class DeltaText:
@@ -188,4 +171,5 @@ class DeltaText:
     def _decode(self, start: int, end: int) -> str:
         if start == end:
             return ""
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
+        # transformers annotates decode str | list[str] without overloads; a flat list of IDs gives one string.
+        return cast(str, self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True))

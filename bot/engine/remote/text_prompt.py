@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -20,7 +20,8 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], tokenize
     re-encodes as an extra token). The leading BOS is left out when the tokenizer adds it itself. The one thing
     text cannot carry: a user who typed "<s>" literally gets a real BOS on such servers (never with token IDs).
     """
-    special = {i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids}
+    # transformers annotates these str | list[str] without overloads: one ID gives one token, a flat list one string.
+    special = {i: cast(str, tokenizer.convert_ids_to_tokens(i)) for i in tokenizer.all_special_ids}
     body = list(ids)
     if tokenizer_adds_bos and body and body[0] == tokenizer.bos_token_id:
         body = body[1:]
@@ -29,13 +30,13 @@ def prompt_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], tokenize
     for token in body:
         if token in special:
             if run:
-                parts.append(tokenizer.decode(run))
+                parts.append(cast(str, tokenizer.decode(run)))
                 run = []
             parts.append(special[token])
         else:
             run.append(token)
     if run:
-        parts.append(tokenizer.decode(run))
+        parts.append(cast(str, tokenizer.decode(run)))
     text = "".join(parts)
     if log.isEnabledFor(logging.DEBUG) and tokenizer(text)["input_ids"] != list(ids):
         log.debug("the text prompt re-tokenizes differently from the token IDs")

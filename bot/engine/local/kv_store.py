@@ -5,6 +5,11 @@ DynamicCache holds them. Batch caches let rows have holes: a slot whose mask is 
 padding, the gap between a reused prefix and the new tokens of a shorter prompt, slots written before a longer row
 joined). Positions are passed to the model explicitly, so a hole costs memory and attention work but never changes
 a row's result. A prefill runs in a SlotBatch of the joining rows, which becomes or joins the running batch.
+
+This is the one module that reaches into transformers' cache internals (`transformers.cache_utils`: a DynamicLayer
+subclass writing into our buffers, a Cache built from such layers). Those are not a public API, so pyproject.toml
+pins transformers to the minor version this was tested with, and LocalEngine refuses to start on another one
+(loading.check_transformers_version).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -28,7 +33,14 @@ Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def cache_layers(cache: DynamicCache) -> Layers:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    layers: Layers = []
+    for layer in cache.layers:
+        # A LLaMA-like model's cache, after a forward pass: every layer holds keys and values (no linear-attention
+        # or dummy layers).
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise TypeError(f"cache layer {type(layer).__name__} holds no keys and values")
+        layers.append((layer.keys, layer.values))
+    return layers
 
 
 def make_cache(config: PretrainedConfig, layers: Layers | None = None) -> DynamicCache:
@@ -306,11 +318,6 @@ class SessionKVCache:
             self._shared.append(key)
             while len(self._shared) > MAX_SHARED_PREFIXES:
                 self._pop(self._shared[0])
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._shared.clear()
-        self._nbytes = 0
 
     def _best_shared(self, prompt: Sequence[int], leave: int = 1) -> tuple[int, str | None]:
         best, best_key = 0, None

@@ -1,6 +1,6 @@
-"""The step loop's model work: requests join the running batch between decode steps and leave it when done.
+"""The model runner: requests join the running batch between decode steps and leave it when done.
 
-Why our own scheduler over `model(...)` calls instead of transformers' continuous batching (`generate_batch`,
+Why our own step loop over `model(...)` calls instead of transformers' continuous batching (`generate_batch`,
 `init_continuous_batching`) as of transformers 5.24:
 - its manager applies one GenerationConfig to every request; ours samples each row with its own parameters;
 - its paged cache lives and dies with the manager's requests (block sharing only spans requests in flight), while a
@@ -13,7 +13,7 @@ step's keys and values in place (a DynamicCache would copy the whole batch's cac
 
 Out of GPU memory (torch.OutOfMemoryError) in a forward call, the rows of that call are split in halves that run
 one after the other, recursively down to one row, with the allocator's cached blocks freed between tries; a row that
-runs out of memory alone fails with OUT_OF_MEMORY and the others go on. Splitting the call in place, rather than
+runs out of memory alone fails with ModelOutOfMemoryError and the others go on. Splitting the call in place, rather than
 evicting rows to the waiting queue, keeps every row's KV where it is: nothing is copied or prefilled again (an
 eviction would need memory for the copy, or recompute the whole context), and a row's tokens are the ones it would
 have got in the full batch. Memory the split saves is the forward's own (activations, attention over the slots,
@@ -24,14 +24,15 @@ chunks of the size that fitted, trying twice that again after a while, as memory
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from bot.engine.kv_cache import (
+from bot.engine.base import EngineStats
+from bot.engine.local.kv_store import (
     MIN_SHARED_TOKENS,
     Layers,
     SessionKVCache,
@@ -40,16 +41,15 @@ from bot.engine.kv_cache import (
     common_prefix,
     make_cache,
 )
-from bot.engine.sampler import pick_tokens
-from bot.engine.streams import DeltaText, Outbox, RequestStream
-from bot.errors import GenerationFailedError
+from bot.engine.local.output import Outbox, RequestStream, Row
+from bot.engine.local.sampling import pick_tokens
+from bot.errors import ModelOutOfMemoryError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-OUT_OF_MEMORY = "This answer was too big for the GPU's memory right now; please try again in a little while."
 # Decode steps run in chunks after an out-of-memory; after this many good steps, chunks twice as big are tried.
 GROW_CHUNK_AFTER = 32
 
@@ -57,76 +57,13 @@ GROW_CHUNK_AFTER = 32
 MAX_SHARED_PROMPT = 1024
 
 
-class Row:
-    """One request in the running batch: the tokens fed to the model so far and what it generated."""
+class ModelRunner:
+    """Owns the running batch and its cache; called from the engine's worker thread only.
 
-    def __init__(
-        self,
-        stream: RequestStream,
-        tokenizer: PreTrainedTokenizerBase,
-        eos_ids: frozenset[int],
-        outbox: Outbox,
-        counters: StepCounters,
-    ) -> None:
-        self.stream = stream
-        self.request = stream.request
-        self.fed: list[int] = []
-        self.generated = 0
-        self.next_token = -1
-        self.done = False
-        self.failed = False  # its stream got an error; its cache is not kept
-        self._eos_ids = eos_ids
-        self._counters = counters
-        self._outbox = outbox
-        self._text = DeltaText(stream, tokenizer, outbox)
-
-    @property
-    def leaving(self) -> bool:
-        return self.done or self.stream.cancelled
-
-    def accept(self, token: int) -> None:
-        """Take the model's next token: stream it, or end the row on EOS or at its max_new_tokens."""
-        if self.stream.cancelled:
-            self.done = True
-            return
-        if token in self._eos_ids:
-            self.complete()
-            return
-        self.generated += 1
-        self._counters.tokens_generated += 1
-        self._text.add(token)
-        if self.generated >= self.request.sampling.max_new_tokens:
-            self.complete()
-        else:
-            self.next_token = token
-
-    def fail(self, error: BaseException) -> None:
-        self.done = self.failed = True
-        self.stream.finish(error, outbox=self._outbox)
-
-    def complete(self) -> None:
-        # The stream itself ends in retire(), once the row's cache is stored: a consumer that saw its answer end
-        # finds its session's cache in place for the next turn.
-        if not self.done:
-            self.done = True
-            self._text.flush()
-
-
-@dataclass
-class StepCounters:
-    """Work done so far; counted before each forward call, so a reader never sees a step's output before it."""
-
-    prefills: int = 0
-    requests: int = 0
-    largest_batch: int = 0
-    steps: int = 0
-    prefilled_tokens: int = 0
-    reused_tokens: int = 0
-    tokens_generated: int = 0
-
-
-class StepScheduler:
-    """Owns the running batch and its cache; called from the engine's worker thread only."""
+    `stats` is the work done so far (cached_sessions and cache_bytes are the engine's to add). It is replaced, never
+    changed, so another thread reads a consistent copy. Prefills and steps are counted before their forward call
+    and tokens before their text is handed over, so a reader never sees output that is not counted yet.
+    """
 
     def __init__(
         self,
@@ -136,7 +73,6 @@ class StepScheduler:
         eos_ids: frozenset[int],
         pad_id: int,
         sessions: SessionKVCache,
-        counters: StepCounters,
     ) -> None:
         self._model = model
         self._tokenizer = tokenizer
@@ -145,7 +81,7 @@ class StepScheduler:
         self.sessions = sessions
         self.rows: list[Row] = []
         self._batch: SlotBatch | None = None
-        self.counters = counters
+        self.stats = EngineStats()
         self._outbox = Outbox()
         self._chunk: int | None = None  # most rows per decode forward since an out-of-memory; None: all
         self._good_steps = 0
@@ -156,8 +92,8 @@ class StepScheduler:
 
     def admit(self, streams: Sequence[RequestStream]) -> list[Row]:
         """Prefill the joining requests in one forward call, take their first tokens, add them to the batch."""
-        rows = [Row(stream, self._tokenizer, self._eos_ids, self._outbox, self.counters) for stream in streams]
-        self.counters.requests += len(rows)
+        rows = [Row(stream, self._tokenizer, self._eos_ids, self._outbox) for stream in streams]
+        self.stats = dataclasses.replace(self.stats, requests=self.stats.requests + len(rows))
         try:
             self._admit_split(rows)
             self.retire()
@@ -180,8 +116,8 @@ class StepScheduler:
             pass  # retried below, once the exception and the tensors its traceback holds are gone
         free_cached_memory()
         if len(rows) == 1:
-            log.warning("prefill of %d tokens ran out of memory alone", len(rows[0].request.prompt_ids))
-            rows[0].fail(GenerationFailedError("out of memory in a prefill of one row", user_message=OUT_OF_MEMORY))
+            log.warning("prefill of %d tokens ran out of memory alone", len(rows[0].prompt))
+            rows[0].fail(ModelOutOfMemoryError("out of memory in a prefill of one row"))
             return
         half = len(rows) // 2
         log.warning("prefill of %d rows ran out of memory; trying %d and %d", len(rows), half, len(rows) - half)
@@ -190,12 +126,12 @@ class StepScheduler:
 
     def _admit(self, rows: list[Row]) -> None:
         """Prefill `rows` and add them to the batch; on out-of-memory, leave batch and session caches as they were."""
-        prompts = [row.request.prompt_ids for row in rows]
+        prompts = [row.prompt for row in rows]
         sharing = self.sessions.budget_bytes > 0
         if sharing:
             self._prefill_common_prefix(rows)
-        fresh = [self.sessions.owned(row.request.session_id, row.request.prompt_ids) == 0 for row in rows]
-        prefixes = [self.sessions.take(row.request.session_id, row.request.prompt_ids) for row in rows]
+        fresh = [self.sessions.owned(row.request.session_id, row.prompt) == 0 for row in rows]
+        prefixes = [self.sessions.take(row.request.session_id, row.prompt) for row in rows]
         try:
             joining, logits = self._prefill(rows, prefixes)
         except torch.OutOfMemoryError:
@@ -203,7 +139,7 @@ class StepScheduler:
             for row, prefix in zip(rows, prefixes, strict=True):
                 if prefix is not None and row.request.session_id is not None:
                     n = prefix[0][0].shape[-2]
-                    self.sessions.put(row.request.session_id, row.request.prompt_ids[:n], prefix)
+                    self.sessions.put(row.request.session_id, row.prompt[:n], prefix)
             raise
         for i, (is_fresh, prompt) in enumerate(zip(fresh, prompts, strict=True)):
             # A conversation's first prompt starts like many others (system prompt, template): let them reuse it.
@@ -220,7 +156,7 @@ class StepScheduler:
         The rows are prefilled in a SlotBatch of their own, their cached prefixes copied in once and the new tokens
         written in place: that batch becomes the running one when none runs (a lone long turn copies its history
         once, not through a stacked prefix, a DynamicCache and the batch's buffers)."""
-        prompts = [row.request.prompt_ids for row in rows]
+        prompts = [row.prompt for row in rows]
         cached = [0 if p is None else p[0][0].shape[-2] for p in prefixes]
         news = [prompt[n:] for prompt, n in zip(prompts, cached, strict=True)]
         width = max(len(new) for new in news)
@@ -238,11 +174,14 @@ class StepScheduler:
         joining.reserve(len(rows), max(cached) + width + (decode if self._batch is None else 0))
         joining.add(prefixes)
         mask = joining.prefill_mask(new_mask.to(self._device))
-        c = self.counters
-        c.prefills += 1
-        c.largest_batch = max(c.largest_batch, len(self.rows) + len(rows))
-        c.prefilled_tokens += sum(len(new) for new in news)
-        c.reused_tokens += sum(cached)
+        s = self.stats
+        self.stats = dataclasses.replace(
+            s,
+            batches=s.batches + 1,
+            largest_batch=max(s.largest_batch, len(self.rows) + len(rows)),
+            prefilled_tokens=s.prefilled_tokens + sum(len(new) for new in news),
+            reused_tokens=s.reused_tokens + sum(cached),
+        )
         logits = self._forward(input_ids, positions, mask, joining.cache)
         joining.advance(width)
         if self._batch is None:
@@ -256,18 +195,18 @@ class StepScheduler:
         """Prefill once the head that several joining prompts share and no cache holds yet, as a shared prefix."""
         if len(rows) < 2:
             return
-        prompts = [row.request.prompt_ids for row in rows]
+        prompts = [row.prompt for row in rows]
         common = min(len(p) for p in prompts) - 1
         for prompt in prompts[1:]:
             common = min(common, common_prefix(prompts[0], prompt))
         if common < MIN_SHARED_TOKENS:
             return
-        needing = sum(self.sessions.reusable(r.request.session_id, r.request.prompt_ids) < common for r in rows)
+        needing = sum(self.sessions.reusable(r.request.session_id, r.prompt) < common for r in rows)
         if needing < 2:
             return
         head = prompts[0][:common]
         cache = make_cache(self._model.config)
-        self.counters.prefilled_tokens += common
+        self.stats = dataclasses.replace(self.stats, prefilled_tokens=self.stats.prefilled_tokens + common)
         self._forward(
             torch.tensor([head], dtype=torch.long),
             torch.arange(common).unsqueeze(0),
@@ -285,7 +224,7 @@ class StepScheduler:
         input_ids = torch.tensor([[row.next_token] for row in rows], dtype=torch.long)
         positions = torch.tensor([[len(row.fed)] for row in rows], dtype=torch.long)
         mask = batch.step_mask()
-        self.counters.steps += 1
+        self.stats = dataclasses.replace(self.stats, steps=self.stats.steps + 1)
         chunk = self._chunk or len(rows)
         pieces: list[tuple[int, torch.Tensor]] = []
         for lo in range(0, len(rows), chunk):
@@ -297,7 +236,7 @@ class StepScheduler:
         done = {i for lo, logits in pieces for i in range(lo, lo + logits.shape[0])}
         for i, row in enumerate(rows):
             if i not in done:
-                row.fail(GenerationFailedError("out of memory in a decode step of one row", user_message=OUT_OF_MEMORY))
+                row.fail(ModelOutOfMemoryError("out of memory in a decode step of one row"))
         if pieces:
             self._accept(torch.cat([logits for _, logits in pieces]), [rows[i] for i in sorted(done)])
         self._note_good_step(len(rows))
@@ -374,18 +313,19 @@ class StepScheduler:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits
+        return logits[:, -1, :]
 
     def _accept(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
         tokens = pick_tokens(
             logits,
             [row.request.sampling for row in rows],
             [row.fed for row in rows],
-            [len(row.request.prompt_ids) for row in rows],
+            [len(row.prompt) for row in rows],
             self._eos_ids,
         )
-        for row, token in zip(rows, tokens, strict=True):
-            row.accept(token)
+        streamed = sum(row.accept(token) for row, token in zip(rows, tokens, strict=True))
+        self.stats = dataclasses.replace(self.stats, tokens_generated=self.stats.tokens_generated + streamed)
 
 
 def free_cached_memory() -> None:

@@ -1,17 +1,27 @@
-"""The OpenAI HTTP API as it comes over the wire: streamed chunks (server-sent events), Retry-After, /v1/models."""
+"""The OpenAI HTTP API as it goes over the wire: request bodies each server takes, streamed chunks (server-sent
+events), error bodies, Retry-After and /v1/models."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+if TYPE_CHECKING:
+    from bot.engine.base import SamplingParams
+
 DONE = "[DONE]"
+
+# Fields beyond the OpenAI schema, or ones a server may not take: left out for a server that refuses them (answered
+# with transformers serve's `422 Unexpected fields in the request: {...}`), as the answer is still a good one.
+OPTIONAL_FIELDS = frozenset({"top_p", "repetition_penalty", "repeat_penalty", "min_tokens"})
+_UNEXPECTED = re.compile(r"Unexpected fields in the request: \{([^}]*)\}")
 
 # Keys under which servers report their context window in /v1/models (vLLM, and others that copy it).
 _CONTEXT_KEYS = ("max_model_len", "context_length", "context_window", "max_context_length")
@@ -110,3 +120,61 @@ def context_length_from_listing(listing: Any, model_name: str) -> int | None:
                 if isinstance(value, int) and value > 0:
                     return value
     return None
+
+
+def request_body(
+    model: str,
+    sampling: SamplingParams,
+    prompt: dict[str, Any],
+    *,
+    llama_cpp: bool = False,
+    refused: Collection[str] = (),
+) -> dict[str, Any]:
+    """The JSON body of a streamed completion: `prompt` holds "prompt" or "messages"; `refused` are optional fields
+    the server said it does not take."""
+    body: dict[str, Any] = {
+        "model": model,
+        **prompt,
+        "stream": True,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+    }
+    if not sampling.greedy:
+        body["top_p"] = sampling.top_p
+    if sampling.repetition_penalty != 1.0:
+        # vLLM's extension (transformers' name); llama.cpp's server reads only its own name and ignores this one.
+        body["repeat_penalty" if llama_cpp else "repetition_penalty"] = sampling.repetition_penalty
+    if sampling.min_new_tokens:
+        body["min_tokens"] = sampling.min_new_tokens  # vLLM's extension too; llama.cpp's server ignores it
+    for field in refused:
+        body.pop(field, None)
+    return body
+
+
+def unexpected_fields(error_body: str) -> frozenset[str]:
+    """The optional fields an error body says the server does not take (transformers serve's 422 names them)."""
+    found = _UNEXPECTED.search(error_body)
+    if found is None:
+        return frozenset()
+    return frozenset(re.findall(r"'([^']+)'", found[1])) & OPTIONAL_FIELDS
+
+
+def context_overflow(error_body: str) -> tuple[int, int] | None:
+    """(prompt tokens, context size) from llama.cpp's `exceed_context_size_error` (a slot smaller than the prompt)."""
+    try:
+        parsed: Any = json.loads(error_body)
+    except json.JSONDecodeError:
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict) or error.get("type") != "exceed_context_size_error":
+        return None
+    prompt, context = error.get("n_prompt_tokens"), error.get("n_ctx")
+    if not isinstance(prompt, int) or not isinstance(context, int):
+        return None
+    return prompt, context
+
+
+def served_by_llama_cpp(listing: Any) -> bool:
+    """Whether a /v1/models answer comes from llama.cpp's server (it says `"owned_by": "llamacpp"`)."""
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    return isinstance(entries, list) and any(isinstance(e, dict) and e.get("owned_by") == "llamacpp" for e in entries)

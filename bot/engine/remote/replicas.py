@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,12 @@ class Replica:
     dead_until: float = 0.0
     # Whether `/completions` takes the prompt as a list of token IDs; None until the server has told us.
     accepts_token_ids: bool | None = None
+    # Optional body fields the server refused (wire.OPTIONAL_FIELDS); requests to it leave them out.
+    refused_fields: set[str] = field(default_factory=set)
+    # llama.cpp's server (from /v1/models at start-up): it has its own names for some sampling fields.
+    llama_cpp: bool = False
+    # Whether its context size, smaller than a prompt, has been logged.
+    told_context: bool = False
 
 
 class ReplicaPool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers.generation import (
@@ -55,7 +56,8 @@ def pick_tokens(
         chain = _processors(sampling, prompt_lengths[row], generated[row], eos_ids)
         if chain:
             ids = torch.tensor([list(context)], dtype=torch.long, device=scores.device)
-            scores = chain(ids, scores)
+            # transformers annotates input_ids as the legacy torch.LongTensor, which torch.tensor() is never typed as.
+            scores = chain(cast(torch.LongTensor, ids), scores)
         if sampling.greedy:
             picked.append(int(scores.argmax(-1)))
         else:
