@@ -1,6 +1,6 @@
 """Run the emulator by hand, to try the bot without Discord:
 
-    cd tests && python -m discord_emulator --port 8765
+    python -m discord_emulator --port 8765
     # in another shell, with [discord] api_base = "http://127.0.0.1:8765/api/v10" in your config:
     DISCORD_TOKEN=emulator-token python -m bot --config config.toml
 
