@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
+from bot.attachments import TextFile, with_files
 from bot.config import Settings
 from bot.engine import Engine, GenerationRequest, SamplingParams
 from bot.errors import BotError, MessageRejectedError, StorageError
 from bot.history import HeldSession, HistoryStore
-from bot.render import Renderer
+from bot.render import Renderer, Speaker
 from bot.sessions import MessageStatus, Place, Session, StoredMessage, utc_now_iso
 
 log = logging.getLogger(__name__)
 
 TITLE_CHARS = 60
+# A reply to an answer older than this many sessions of its place goes to the place's current session.
+ANSWER_LOOKUP_SESSIONS = 20
 
 
 @dataclass(frozen=True)
@@ -32,25 +36,66 @@ class TurnInput:
     author_id: int | None
     text: str
     message_id: int | None = None
+    author_name: str | None = None  # the display name, for the prompt of a session with several speakers
+    files: tuple[TextFile, ...] = ()  # text files read from the message, part of what the model sees
 
 
-@dataclass
 class Turn:
-    """A turn in progress: the session it belongs to and the answer's text as it streams."""
+    """A turn in progress: the session it belongs to and the answer's text as it streams.
 
-    session: Session
-    queued_ahead: int
-    # The place's session file could not be read, so this turn starts a new session: the user should know.
-    history_lost: bool
-    _deltas: AsyncIterator[str]
-    answer: str = ""
-    finished: bool = False
+    The session stays held (its one lock) while the turn runs; `mark_answering` writes the user's message as
+    pending with the answer's Discord message, so a restart after a crash can tell the user it was cut off."""
+
+    def __init__(
+        self,
+        held: HeldSession,
+        user_message: StoredMessage,
+        *,
+        queued_ahead: int,
+        deltas: AsyncIterator[str],
+    ) -> None:
+        self.held = held
+        self.user_message = user_message
+        self.queued_ahead = queued_ahead
+        # The place's session file could not be read, so this turn starts a new session: the user should know.
+        self.history_lost = held.replaced_broken
+        self.answer = ""
+        self.finished = False
+        self.stopped = False
+        self.marked = False  # the pending mark is in the session file (the last message)
+        self._deltas = deltas
+
+    @property
+    def session(self) -> Session:
+        return self.held.session
 
     async def stream(self) -> AsyncIterator[str]:
         async for delta in self._deltas:
             self.answer += delta
             yield delta
+            if self.stopped:
+                return
         self.finished = True
+
+    def stop(self) -> None:
+        """End the answer where it is (the Stop button); the part written so far is kept, marked stopped."""
+        self.stopped = True
+
+    async def mark_answering(self, answer_message_id: int) -> None:
+        """Once: the answer now shows in Discord as message `answer_message_id`."""
+        if self.marked:
+            return
+        self.user_message = dataclasses.replace(self.user_message, answer_message_id=answer_message_id)
+        try:
+            await self.held.commit([dataclasses.replace(self.user_message, status="pending")])
+        except BotError:
+            log.warning("session %s: could not mark the answer in progress", self.session.id, exc_info=True)
+            return
+        self.marked = True
+
+    async def end(self, messages: list[StoredMessage], title: str | None = None) -> None:
+        """The turn's outcome, in place of the pending mark if there is one."""
+        await self.held.commit(messages, title=title, replacing=1 if self.marked else 0)
 
 
 class ChatService:
@@ -70,6 +115,43 @@ class ChatService:
     def _hold(self, place: Place, owner_id: int | None) -> AbstractAsyncContextManager[HeldSession]:
         prompt = self.settings.chat.system_prompt
         return self.store.hold_current(place, owner_id=owner_id, system_prompt=prompt or None)
+
+    async def close_interrupted_turns(self, tell: Callable[[Session, StoredMessage], Awaitable[None]]) -> int:
+        """After a crash: every answer that history shows as still being written was cut off. `tell` shows that
+        where the user sees it (the Discord message); then history marks the turn interrupted, so it is told
+        once. Returns how many turns were closed."""
+        closed = 0
+        for summary in self.store.list_sessions():
+            if not summary.open_turn:
+                continue
+            try:
+                async with self.store.hold(summary.id) as held:
+                    messages = list(held.session.messages)
+                    pending = [i for i, m in enumerate(messages) if m.status == "pending"]
+                    if not pending:
+                        continue
+                    for i in pending:
+                        await tell(held.session, messages[i])
+                        messages[i] = dataclasses.replace(messages[i], status="interrupted")
+                    first = pending[0]
+                    await held.commit(messages[first:], replacing=len(messages) - first)
+                    closed += len(pending)
+            except (LookupError, BotError) as exc:
+                log.warning("session %s: could not close its interrupted turn: %s", summary.id, exc)
+        return closed
+
+    async def session_of_answer(self, place: Place, answer_message_id: int) -> str | None:
+        """The session of this place whose answer is Discord message `answer_message_id` (a user replied to it),
+        looking through the place's most recent sessions; None when none holds it."""
+        for summary in self.store.list_sessions(place_keys=[place.key])[:ANSWER_LOOKUP_SESSIONS]:
+            session = await self.store.get(summary.id)
+            if session is not None and any(
+                m.answer_message_id == answer_message_id or m.discord_message_id == answer_message_id
+                for m in session.messages
+                if m.role == "user" or m.role == "assistant"
+            ):
+                return session.id
+        return None
 
     async def new_session(
         self,
@@ -99,7 +181,7 @@ class ChatService:
         seeing the one before. Whatever happens inside, history ends consistent: the exchange, or the user's
         message marked failed/cancelled (never a half-written answer)."""
         text = request.text.strip()
-        if not text:
+        if not text and not request.files:
             # Nothing to keep: an empty message (or only a mention) is not a turn at all.
             raise MessageRejectedError("empty message", user_message="Send me some text and I'll answer it.")
         holding = self.store.hold(session_id) if session_id else self._hold(request.place, request.author_id)
@@ -113,19 +195,24 @@ class ChatService:
     @asynccontextmanager
     async def _turn_in(self, held: HeldSession, request: TurnInput, text: str) -> AsyncIterator[Turn]:
         session = held.session
+        # History keeps the turn as the model saw it: the text, then the files marked with their names.
+        content = with_files(text, request.files)
         user_message = StoredMessage(
             role="user",
-            content=text,
+            content=content,
             author_id=request.author_id,
             created_at=utc_now_iso(),
             discord_message_id=request.message_id,
+            author_name=request.author_name,
         )
         deltas: AsyncGenerator[str, None] | None = None
+        turn: Turn | None = None
         try:
             # Too long is checked here, not earlier, so the refused text is kept (marked failed), not lost.
             self.check_length(text)
             # Tokenizing a long history takes milliseconds: off the event loop.
-            rendered = await asyncio.to_thread(self.renderer.render, session, text)
+            speaker = Speaker(request.author_id, request.author_name)
+            rendered = await asyncio.to_thread(self.renderer.render, session, content, speaker)
             queued_ahead = self.engine.waiting
             deltas = self.engine.generate(
                 GenerationRequest(
@@ -134,47 +221,52 @@ class ChatService:
                     session_id=session.id,
                 )
             )
-            turn = Turn(session=session, queued_ahead=queued_ahead, history_lost=held.replaced_broken, _deltas=deltas)
+            turn = Turn(held, user_message, queued_ahead=queued_ahead, deltas=deltas)
             yield turn
         except BaseException as exc:
             # Errors fail the turn; CancelledError and GeneratorExit (the caller went away) cancel it.
             status: MessageStatus = "failed" if isinstance(exc, Exception) else "cancelled"
-            await self._record_unanswered(held, user_message, status, exc)
+            if turn is None:
+                await _record_unanswered(held, [dataclasses.replace(user_message, status=status)], exc)
+            else:
+                await _record_unanswered(turn, [dataclasses.replace(turn.user_message, status=status)], exc)
             raise
         finally:
             if deltas is not None:
                 # Takes the request out of the engine's batch if the stream was left early.
                 await deltas.aclose()
-        if not turn.finished:
-            # The caller left the stream early (message deleted, shutdown): the turn has no answer.
-            await self._record_unanswered(held, user_message, "cancelled", None)
-            return
         answer = StoredMessage(
             role="assistant",
             content=turn.answer.strip(),
             author_id=None,
             created_at=utc_now_iso(),
+            discord_message_id=turn.user_message.answer_message_id,
+            status="stopped" if turn.stopped else "ok",
         )
-        title = _title_from(text) if session.turns == 0 and session.title == "New chat" else None
-        turn.session = await held.commit([user_message, answer], title=title)
+        if not (turn.finished or turn.stopped):
+            # The caller left the stream early (message deleted, shutdown): the turn has no answer.
+            await _record_unanswered(turn, [dataclasses.replace(turn.user_message, status="cancelled")], None)
+            return
+        title = (
+            _title_from(text or request.files[0].filename)
+            if session.turns == 0 and session.title == "New chat"
+            else None
+        )
+        await turn.end([dataclasses.replace(turn.user_message, status="ok"), answer], title=title)
 
-    async def _record_unanswered(
-        self, held: HeldSession, message: StoredMessage, status: MessageStatus, exc: BaseException | None
-    ) -> None:
-        session = held.session
-        log.info("session %s: turn ended without an answer (%s: %r)", session.id, status, exc)
-        marked = StoredMessage(
-            role=message.role,
-            content=message.content,
-            author_id=message.author_id,
-            created_at=message.created_at,
-            discord_message_id=message.discord_message_id,
-            status=status,
-        )
-        try:
-            await held.commit([marked])
-        except BotError:
-            log.warning("session %s: could not record the unanswered turn", session.id, exc_info=True)
+
+async def _record_unanswered(
+    target: Turn | HeldSession, messages: list[StoredMessage], exc: BaseException | None
+) -> None:
+    session = target.session
+    log.info("session %s: turn ended without an answer (%s: %r)", session.id, messages[0].status, exc)
+    try:
+        if isinstance(target, Turn):
+            await target.end(messages)
+        else:
+            await target.commit(messages)
+    except BotError:
+        log.warning("session %s: could not record the unanswered turn", session.id, exc_info=True)
 
 
 def _title_from(text: str) -> str:

@@ -13,7 +13,9 @@ from typing import Any, Literal, get_args
 log = logging.getLogger(__name__)
 
 PlaceKind = Literal["channel", "thread", "dm", "console"]
-MessageStatus = Literal["ok", "failed", "cancelled"]
+# A user message's outcome: "pending" while its answer is being written (so a restart after a crash can tell
+# the user it was cut off: then "interrupted"); "stopped" when the user pressed Stop on a partial answer.
+MessageStatus = Literal["ok", "failed", "cancelled", "pending", "interrupted", "stopped"]
 Role = Literal["user", "assistant"]
 
 PLACE_KINDS: frozenset[str] = frozenset(get_args(PlaceKind))
@@ -148,13 +150,19 @@ class StoredMessage:
     created_at: str
     discord_message_id: int | None = None
     status: MessageStatus = "ok"
+    # The speaker's display name when the turn was asked (older files have none).
+    author_name: str | None = None
+    # A user message: the bot's first Discord message answering it (set once the answer began to show).
+    answer_message_id: int | None = None
 
     def __post_init__(self) -> None:
         _choice(self.role, "message.role", ROLES)
         _str(self.content, "message.content")
         _opt_id(self.author_id, "message.author_id")
+        _opt_str(self.author_name, "message.author_name")
         _timestamp(self.created_at, "message.created_at")
         _opt_id(self.discord_message_id, "message.discord_message_id")
+        _opt_id(self.answer_message_id, "message.answer_message_id")
         _choice(self.status, "message.status", MESSAGE_STATUSES)
 
     def to_json(self) -> dict[str, Any]:
@@ -170,6 +178,8 @@ class StoredMessage:
             created_at=m["created_at"],
             discord_message_id=m.get("discord_message_id"),
             status=m.get("status", "ok"),
+            author_name=m.get("author_name"),
+            answer_message_id=m.get("answer_message_id"),
         )
 
 
@@ -184,12 +194,15 @@ class SessionSummary:
     created_at: str
     updated_at: str
     turns: int
+    open_turn: bool = False  # Session.open_turn
 
     def __post_init__(self) -> None:
         if not is_valid_session_id(self.id):
             raise ValueError(f"invalid session id {self.id!r}")
         if not isinstance(self.place, Place):
             raise TypeError("summary.place must be a Place")
+        if not isinstance(self.open_turn, bool):
+            raise TypeError("summary.open_turn must be true or false")
         _opt_id(self.owner_id, "summary.owner_id")
         _str(self.title, "summary.title")
         _timestamp(self.created_at, "summary.created_at")
@@ -198,7 +211,7 @@ class SessionSummary:
             raise ValueError("summary.turns must be a non-negative integer")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        record = {
             "id": self.id,
             "place": self.place.to_json(),
             "owner_id": self.owner_id,
@@ -207,6 +220,8 @@ class SessionSummary:
             "updated_at": self.updated_at,
             "turns": self.turns,
         }
+        # Only when set: index lines of sessions without an open turn stay as they were.
+        return {**record, "open_turn": True} if self.open_turn else record
 
     @classmethod
     def from_json(cls, d: object) -> SessionSummary:
@@ -219,6 +234,7 @@ class SessionSummary:
             created_at=m["created_at"],
             updated_at=m["updated_at"],
             turns=m["turns"],
+            open_turn=m.get("open_turn", False),
         )
 
 
@@ -248,18 +264,23 @@ class Session:
         if not isinstance(self.messages, tuple) or not all(isinstance(m, StoredMessage) for m in self.messages):
             raise TypeError("session.messages must be a tuple of StoredMessage")
 
-    def exchanges(self) -> list[tuple[str, str]]:
-        """Finished (user, assistant) pairs, both with status ok, in order; unanswered turns are left out."""
-        pairs: list[tuple[str, str]] = []
+    def answered_turns(self) -> list[tuple[StoredMessage, StoredMessage]]:
+        """Finished (user, assistant) message pairs in order: both ok, or an answer the user stopped part-way
+        (they saw it, so it is part of the conversation); unanswered turns are left out."""
+        pairs: list[tuple[StoredMessage, StoredMessage]] = []
         pending: StoredMessage | None = None
         for message in self.messages:
             if message.role == "user":
                 pending = message if message.status == "ok" else None
             else:
-                if pending is not None and message.status == "ok":
-                    pairs.append((pending.content, message.content))
+                if pending is not None and message.status in ("ok", "stopped"):
+                    pairs.append((pending, message))
                 pending = None
         return pairs
+
+    def exchanges(self) -> list[tuple[str, str]]:
+        """The texts of `answered_turns()`."""
+        return [(user.content, answer.content) for user, answer in self.answered_turns()]
 
     @property
     def turns(self) -> int:
@@ -267,11 +288,14 @@ class Session:
         return sum(1 for m in self.messages if m.role == "user")
 
     def with_messages(
-        self, messages: tuple[StoredMessage, ...], *, updated_at: str, title: str | None = None
+        self, messages: tuple[StoredMessage, ...], *, updated_at: str, title: str | None = None, replacing: int = 0
     ) -> Session:
+        """The session with `messages` added, after dropping its last `replacing` ones (a pending turn's mark)."""
+        if not 0 <= replacing <= len(self.messages):
+            raise ValueError(f"cannot replace {replacing} of {len(self.messages)} messages")
         return replace(
             self,
-            messages=self.messages + messages,
+            messages=self.messages[: len(self.messages) - replacing] + messages,
             updated_at=updated_at,
             title=self.title if title is None else title,
         )
@@ -285,7 +309,13 @@ class Session:
             created_at=self.created_at,
             updated_at=self.updated_at,
             turns=self.turns,
+            open_turn=self.open_turn,
         )
+
+    @property
+    def open_turn(self) -> bool:
+        """Whether an answer was being written when the file was last saved (true after a crash mid-answer)."""
+        return any(m.status == "pending" for m in self.messages)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -202,7 +202,7 @@ async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeou
             session = await bot.core.store.current(place)
             if session is not None and session.turns >= turns:
                 last = session.messages[-1]
-                if last.role == "assistant" or last.status != "ok":
+                if last.role == "assistant" or last.status not in ("ok", "pending"):
                     return session
             await asyncio.sleep(0.02)
 

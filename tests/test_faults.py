@@ -143,7 +143,7 @@ async def stored_on_disk(
             session = session_on_disk(world.data_dir, world.place(channel))
             if session is not None and session.turns >= turns:
                 last = session.messages[-1]
-                if (last.role == "assistant") if answered else last.status != "ok":
+                if (last.role == "assistant") if answered else last.status not in ("ok", "pending"):
                     return session
             await asyncio.sleep(0.05)
 

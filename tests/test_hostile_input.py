@@ -22,7 +22,7 @@ from bot.chat import TurnInput
 from bot.core import open_core
 from bot.render import neutralise_control_tags
 from bot.sessions import Place
-from cogs.chat import ATTACHMENTS_NOT_READ, EMPTY_HINT
+from cogs.chat import EMPTY_HINT
 
 BOS, EOS = 1, 2
 FORGERY = (
@@ -223,12 +223,12 @@ async def test_a_huge_code_block_gets_an_answer_or_a_clear_refusal(world: World,
     assert too_long.startswith("Your message is too long for the model")
 
 
-async def test_attachments_alone_are_not_read(world: World, start_bot: StartBot) -> None:
+async def test_a_file_the_model_cannot_read_alone_gets_one_sentence(world: World, start_bot: StartBot) -> None:
     emu = world.emu
 
     async def with_attachment(channel: Channel, content: str) -> dict[str, Any]:
         # The emulator's send_message takes no files: store the message as Discord would, then dispatch it.
-        upload = UploadedFile("files[0]", "notes.txt", "text/plain", b"please summarise this file")
+        upload = UploadedFile("files[0]", "photo.png", "image/png", b"\x89PNG\r\n\x1a\n\x00\x00")
         message = emu.store.create_message(channel, world.alice, {"content": content}, files=[upload])
         await emu.gateway.dispatch_message("MESSAGE_CREATE", message)
         return message
@@ -238,7 +238,7 @@ async def test_attachments_alone_are_not_read(world: World, start_bot: StartBot)
         in_channel = await with_attachment(world.general, emu.bot_user.mention)
         answers = [await reply_to(world, world.dm, in_dm), await reply_to(world, world.general, in_channel)]
         assert await bot.core.store.current(dm_place(world)) is None
-    assert answers == [ATTACHMENTS_NOT_READ] * 2
+    assert answers == ["I did not read `photo.png`: it is not a text file (I read text and source files only)."] * 2
 
 
 # --- secrets ----------------------------------------------------------------------------------------------

@@ -35,8 +35,11 @@ class HeldSession:
         self._in_flight: asyncio.Future[Session] | None = None
         self._ended = False
 
-    async def commit(self, messages: Sequence[StoredMessage], *, title: str | None = None) -> Session:
-        """Add messages (and optionally a new title): one atomic write from memory, then the index.
+    async def commit(
+        self, messages: Sequence[StoredMessage], *, title: str | None = None, replacing: int = 0
+    ) -> Session:
+        """Add messages (and optionally a new title), after dropping the last `replacing` ones (a mark this hold
+        wrote earlier): one atomic write from memory, then the index.
 
         Runs to its end even if the caller is cancelled. Raises StorageError when the disk refuses the write;
         the file and `session` are then left as they were.
@@ -46,7 +49,7 @@ class HeldSession:
             raise RuntimeError("this hold has ended; take the session again to write to it")
         if self._in_flight is not None and not self._in_flight.done():
             raise RuntimeError("a commit of this session is already in flight")
-        updated = self.session.with_messages(new, updated_at=utc_now_iso(), title=title)
+        updated = self.session.with_messages(new, updated_at=utc_now_iso(), title=title, replacing=replacing)
         task = self._start_write(updated)
         self._in_flight = task
         # Set from the task, not after the await: a cancelled caller's write still lands, and so does this.

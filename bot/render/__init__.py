@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from bot.render.fitting import BuiltPrompt, fit_chars, fit_tokens
 from bot.render.formats import ChatTemplateFormat, Exchange, Llama2Format, PromptFormat, neutralise_control_tags
-from bot.render.renderer import PROMPT_FORMATS, RenderedPrompt, Renderer, is_llama2_name, select_format
+from bot.render.renderer import (
+    PROMPT_FORMATS,
+    RenderedPrompt,
+    Renderer,
+    Speaker,
+    is_llama2_name,
+    select_format,
+    speaker_label,
+)
 
 __all__ = [
     "PROMPT_FORMATS",
@@ -15,9 +23,11 @@ __all__ = [
     "PromptFormat",
     "RenderedPrompt",
     "Renderer",
+    "Speaker",
     "fit_chars",
     "fit_tokens",
     "is_llama2_name",
     "neutralise_control_tags",
     "select_format",
+    "speaker_label",
 ]

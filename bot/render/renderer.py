@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROMPT_FORMATS = ("auto", "llama2", "template")
+# Discord display names are at most 32 characters; anything longer came from somewhere else.
+SPEAKER_NAME_CHARS = 32
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """Who asks the new turn: their id tells speakers apart, their display name goes into the prompt."""
+
+    id: int | None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,13 +108,26 @@ class Renderer:
         counted = type(self.format).__name__ if self.format else "characters (no tokenizer)"
         return f"{shape}, fitted by {counted}"
 
-    def render(self, session: Session, user_text: str) -> RenderedPrompt:
+    def render(self, session: Session, user_text: str, speaker: Speaker | None = None) -> RenderedPrompt:
         """The prompt for `user_text` as the next turn of `session`, fitted to the context window.
 
-        History keeps what users typed; only the prompt gets their text with LLaMA-2's markers defused."""
-        text = neutralise_control_tags(user_text)
+        History keeps what users typed; only the prompt gets their text with LLaMA-2's markers defused. Where more
+        than one person has spoken (a channel's shared session), every user turn starts with its speaker's name,
+        "Alice: ...", so the model can tell them apart; the prefix is part of the user text, Meta's format stays."""
+        turns = session.answered_turns()
+        speakers = {user.author_id for user, _ in turns} | {speaker.id if speaker else None}
+        named = len(speakers - {None}) > 1
+
+        def user_turn(text: str, author_id: int | None, author_name: str | None) -> str:
+            text = neutralise_control_tags(text)
+            return f"{speaker_label(author_id, author_name)}: {text}" if named else text
+
+        text = user_turn(user_text, speaker.id if speaker else None, speaker.name if speaker else None)
         system_prompt = neutralise_control_tags(session.system_prompt) if session.system_prompt else None
-        history = [Exchange(user=neutralise_control_tags(u), assistant=a) for u, a in session.exchanges()]
+        history = [
+            Exchange(user=user_turn(user.content, user.author_id, user.author_name), assistant=answer.content)
+            for user, answer in turns
+        ]
         budget = {"context_length": self.context_length, "max_new_tokens": self.max_new_tokens}
         if self.format is None:
             dropped = fit_chars(system_prompt, history, text, **budget)
@@ -121,6 +144,14 @@ class Renderer:
                 "session %s: %d oldest exchanges left out of the prompt to fit the context window", session.id, dropped
             )
         return RenderedPrompt(prompt=prompt, dropped_exchanges=dropped)
+
+
+def speaker_label(author_id: int | None, author_name: str | None) -> str:
+    """A speaker's name as the prompt shows it: one line, no LLaMA-2 markers, no colon to fake another speaker."""
+    name = " ".join((author_name or "").split()).replace(":", "")[:SPEAKER_NAME_CHARS].strip()
+    if name:
+        return neutralise_control_tags(name)
+    return f"User {author_id}" if author_id is not None else "User"
 
 
 def _messages(system_prompt: str | None, history: Sequence[Exchange], text: str) -> MessagePrompt:

@@ -1,0 +1,212 @@
+"""Conversations the way Discord servers talk (issue 11), end to end: the real bot against the Discord API
+emulator, with the real engine on tiny LLaMA models, and the prompts checked by their exact token IDs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from discord_harness import BotProcess, StartBot, World, bot_config, channel_place, finished_session, mention
+
+from bot.attachments import TextFile, with_files
+from bot.render import Exchange, Speaker
+from bot.reply_stream import STREAMING_MARK
+from cogs.recovery import INTERRUPTED
+from discord_emulator import UploadedFile
+
+
+async def test_a_shared_channel_session_tells_its_speakers_apart(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    async with start_bot() as bot:
+        asked = await mention(world, world.general, world.alice, "I like tea.")
+        await finished_session(bot, channel_place(world, world.general))
+        await emu.wait_for_message(world.general, after=asked)
+        asked = await mention(world, world.general, world.bob, "I like coffee.")
+        session = await finished_session(bot, channel_place(world, world.general), turns=2)
+        await emu.wait_for_message(world.general, after=asked)
+        renderer = bot.core.renderer
+        prompt = renderer.render(session, "Who likes tea?", Speaker(world.alice.id, "Alice"))
+    # Discord's display name (global_name) goes with each turn; the prompt names both speakers.
+    users = [m for m in session.messages if m.role == "user"]
+    assert [(m.author_id, m.author_name) for m in users] == [(world.alice.id, "Alice"), (world.bob.id, "Bob")]
+    answers = [m.content for m in session.messages if m.role == "assistant"]
+    assert renderer.format is not None
+    expected = renderer.format.encode(
+        bot.settings.chat.system_prompt or None,
+        [Exchange("Alice: I like tea.", answers[0]), Exchange("Bob: I like coffee.", answers[1])],
+        "Alice: Who likes tea?",
+    )
+    assert list(prompt.prompt.ids) == expected  # type: ignore[union-attr]
+
+
+def stored_sessions(data_dir: Path) -> list[dict[str, Any]]:
+    sessions = []
+    for path in sorted((data_dir / "sessions").glob("*.json")):
+        with contextlib.suppress(ValueError, OSError):  # a file replaced as we read it is read next time
+            sessions.append(json.loads(path.read_text()))
+    return sessions
+
+
+def user_messages(data_dir: Path) -> list[dict[str, Any]]:
+    return [m for s in stored_sessions(data_dir) for m in s["messages"] if m["role"] == "user"]
+
+
+@pytest.mark.crash
+async def test_an_answer_cut_off_by_a_crash_is_closed_once_at_the_next_start(
+    world: World, code_model_dir: Path, tmp_path: Path
+) -> None:
+    emu = world.emu
+    # A long answer, so the bot is surely still writing it when it is killed.
+    config = bot_config(tmp_path / "config.toml", emu, code_model_dir, world.data_dir, model={"max_new_tokens": 3000})
+    async with await BotProcess.start(config, token=emu.token) as first:
+        await emu.wait_ready(timeout=120)
+        asked = await mention(world, world.general, world.alice, "write a lot")
+        reply = await emu.wait_for_message(world.general, after=asked, timeout=60)
+        # History marks the turn pending as soon as its answer shows in Discord.
+        await emu.wait_for(
+            lambda: any(m["status"] == "pending" for m in user_messages(world.data_dir)), 60, "the pending mark"
+        )
+        first.kill()
+        await first.wait()
+    assert emu.message(world.general, reply["id"])["content"].endswith(STREAMING_MARK)
+
+    async with await BotProcess.start(config, token=emu.token) as second:
+        await emu.wait_ready(timeout=120)
+        edited = await emu.wait_for(
+            lambda: INTERRUPTED in (m := emu.message(world.general, reply["id"]))["content"] and m, 60, "the note"
+        )
+        await emu.wait_for(lambda: user_messages(world.data_dir)[0]["status"] == "interrupted", 30, "the mark")
+        second.send_signal(signal.SIGINT)
+        await second.wait()
+    assert not edited["content"].rstrip("*").endswith(STREAMING_MARK.strip())
+    assert STREAMING_MARK not in edited["content"]
+    (user,) = user_messages(world.data_dir)
+    assert user["answer_message_id"] == int(reply["id"]) and user["discord_message_id"] == int(asked["id"])
+    assert " ERROR " not in second.log and "Traceback" not in second.log, second.log
+    # Once: a third start finds nothing left to close.
+    edits = len(emu.calls("PATCH", rf"/channels/{world.general.id}/messages/{reply['id']}"))
+    async with await BotProcess.start(config, token=emu.token) as third:
+        await emu.wait_ready(timeout=120)
+        await third.wait_for_line("logged in as", timeout=120)
+        third.send_signal(signal.SIGINT)
+        await third.wait()
+    assert len(emu.calls("PATCH", rf"/channels/{world.general.id}/messages/{reply['id']}")) == edits
+
+
+# --- replies ----------------------------------------------------------------------------------------------
+
+
+async def answered(world: World, bot: Any, channel: Any, asked: dict[str, Any], turns: int) -> dict[str, Any]:
+    """The bot's final reply to `asked`, once its turn is stored."""
+    await finished_session(bot, channel_place(world, channel), turns=turns)
+    return await world.emu.wait_for(
+        lambda: next(
+            (
+                m
+                for m in world.emu.bot_messages_in(channel)
+                if m.get("message_reference", {}).get("message_id") == asked["id"]
+                and not m["content"].endswith(STREAMING_MARK)
+            ),
+            None,
+        ),
+        30,
+        "the final answer",
+    )
+
+
+async def test_replying_to_an_answer_is_a_turn_in_that_answers_session(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    async with start_bot() as bot:
+        asked = await mention(world, world.general, world.alice, "first question")
+        first_answer = await answered(world, bot, world.general, asked, 1)
+        older = await bot.core.store.current(channel_place(world, world.general))
+        reset = await emu.invoke_command(world.general, world.alice, "reset", {})
+        await emu.wait_for_response(reset)
+        # A reply, no mention, to the answer of the session /reset left behind: a turn in that session.
+        follow_up = await emu.send_message(world.general, world.bob, "and a follow-up", reply_to=first_answer)
+        await emu.wait_for_message(world.general, after=follow_up, timeout=30)
+        assert older is not None
+        later = await emu.wait_for(
+            lambda: (s := bot_store_sessions(bot)) and s.get(older.id, 0) == 2 and s, 30, "the reply's turn"
+        )
+        current = await bot.core.store.current(channel_place(world, world.general))
+    assert current is not None and current.id != older.id and current.turns == 0
+    assert later[older.id] == 2
+    assert "started this conversation afresh" in reset.response_data["content"]
+    assert older.id in reset.response_data["content"]
+
+
+def bot_store_sessions(bot: Any) -> dict[str, int]:
+    return {s.id: s.turns for s in bot.core.store.list_sessions()}
+
+
+async def test_a_reply_to_someone_else_with_a_mention_quotes_their_message(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    async with start_bot() as bot:
+        said = await emu.send_message(world.general, world.bob, "The meeting is at 3pm in room 4.")
+        asked = await emu.send_message(world.general, world.alice, f"{emu.bot_user.mention} when is it?", reply_to=said)
+        session = await finished_session(bot, channel_place(world, world.general))
+        await emu.wait_for_message(world.general, after=asked, timeout=30)
+    assert session.messages[0].content == '[Replying to Bob: "The meeting is at 3pm in room 4."]\nwhen is it?'
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+async def test_text_files_are_read_into_the_turn_and_others_get_a_sentence(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    uploads = [
+        UploadedFile("files[0]", "notes.md", "text/markdown", b"# Plan\nShip it on Friday.\n"),
+        UploadedFile("files[1]", "main.py", None, b"print('hi')\n"),  # no content type: known by its suffix
+        UploadedFile("files[2]", "photo.png", "image/png", b"\x89PNG\r\n\x1a\n\x00"),
+        UploadedFile("files[3]", "latin1.txt", "text/plain", "caf\xe9".encode("latin-1")),
+    ]
+    async with start_bot() as bot:
+        message = emu.store.create_message(
+            world.general, world.alice, {"content": f"{emu.bot_user.mention} summarise these"}, files=uploads
+        )
+        await emu.gateway.dispatch_message("MESSAGE_CREATE", message)
+        session = await finished_session(bot, channel_place(world, world.general))
+        replies = [m["content"] for m in emu.bot_messages_in(world.general)]
+        prompt = bot.core.renderer.render(session, "next", Speaker(world.alice.id, "Alice"))
+    expected = with_files(
+        "summarise these", (TextFile("notes.md", "# Plan\nShip it on Friday.\n"), TextFile("main.py", "print('hi')\n"))
+    )
+    assert session.messages[0].content == expected
+    assert "--- file: notes.md ---\n# Plan\nShip it on Friday.\n--- end of notes.md ---" in expected
+    note = replies[0]
+    assert "`photo.png`: it is not a text file" in note and "`latin1.txt`: it is not UTF-8 text" in note
+    # What the model saw next turn holds the file's text, by token IDs.
+    tokenizer = bot.core.engine.tokenizer
+    assert "Ship it on Friday." in tokenizer.decode(list(prompt.prompt.ids))  # type: ignore[union-attr]
+
+
+async def test_a_file_over_the_limit_is_named_and_the_text_still_answered(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    big = UploadedFile("files[0]", "big.txt", "text/plain", b"x" * 2000)
+    async with start_bot(chat={"max_attachment_bytes": 1000}) as bot:
+        message = emu.store.create_message(
+            world.general, world.alice, {"content": f"{emu.bot_user.mention} hello"}, files=[big]
+        )
+        await emu.gateway.dispatch_message("MESSAGE_CREATE", message)
+        session = await finished_session(bot, channel_place(world, world.general))
+        first = await emu.wait_for_message(world.general, after=message, timeout=30)
+    assert first["content"] == "I did not read `big.txt`: it is 2,000 bytes; the limit is 1,000."
+    assert session.messages[0].content == "hello" and session.messages[1].role == "assistant"
+
+
+# --- /help ------------------------------------------------------------------------------------------------
+
+
+async def test_help_is_ephemeral_and_says_how_to_talk_here(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    async with start_bot():
+        handle = await emu.invoke_command(world.general, world.alice, "help", {})
+        await emu.wait_for_response(handle)
+    assert handle.ephemeral
+    text = handle.response_data["content"]
+    assert "Mention me" in text and "/reset" in text and "/newchat" in text
