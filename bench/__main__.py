@@ -1,4 +1,5 @@
-"""`python -m bench`: run workloads 1-4 against the Gradio-like baseline and print one table of ratios."""
+"""`python -m bench`: run workloads 1-4 against the Gradio-like baseline (and any peer servers given with --peer),
+and print one table of figures and ratios, decode figures also as a share of the machine's memory limit."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import asyncio
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import torch
 
 from bench.baseline import BaselineProcess
+from bench.history_workload import workload4
+from bench.limits import Limits, measure_limits, weight_bytes
 from bench.models import ModelChoice, load_model
-from bench.workloads import Ours, Results, workload1, workload2, workload3, workload4
+from bench.peers import Peer, parse_peer
+from bench.results import Results, median_rows, print_table
+from bench.sessions_workload import workload2
+from bench.workloads import Ours, decode_alone, workload1, workload3
 from bot.config import ModelSettings
 from bot.engine import LocalEngine
 from bot.render import select_format
@@ -33,6 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes: a check that everything runs")
     p.add_argument("--repeat", type=int, default=1, help="run workloads 1-3 this many times; medians are printed")
     p.add_argument("--skip", default="", help="workloads to leave out, e.g. 4 or 2,4")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        type=parse_peer,
+        metavar="NAME=URL",
+        help="an OpenAI-compatible server serving the same model (llama-server, vLLM): runs workloads 1-3 too",
+    )
+    p.add_argument("--no-limit", action="store_true", help="skip measuring the machine's memory read limit")
     return p.parse_args(argv)
 
 
@@ -67,43 +82,6 @@ class LagMonitor:
         return lags[int(0.99 * (len(lags) - 1))] if lags else 0.0
 
 
-def median_rows(runs: list[Results]) -> Results:
-    """Per cell, the median of the numbers the runs printed (text cells from the first run); ratios also show the
-    lowest and highest run."""
-    if len(runs) == 1:
-        return runs[0]
-    out = Results()
-    for cells in zip(*(r.rows for r in runs), strict=True):
-        first = cells[0]
-        values = [_median_text([getattr(c, attr) for c in cells]) for attr in ("ours", "baseline", "ratio")]
-        out.add(first.workload, first.metric, *values)
-    return out
-
-
-def _median_text(texts: list[str]) -> str:
-    head = texts[0]
-    for suffix in ("x faster", "x", ""):
-        if head.endswith(suffix):
-            try:
-                nums = [float(t[: len(t) - len(suffix)] if suffix else t) for t in texts]
-            except ValueError:
-                return head
-            value = f"{statistics.median(nums):.2f}{suffix}"
-            return f"{value} ({min(nums):.2f}-{max(nums):.2f})" if suffix else value
-    return head
-
-
-def print_table(res: Results, title: str) -> None:
-    headers = ("workload", "metric", "ours", "baseline", "ratio")
-    rows = [headers] + [(r.workload, r.metric, r.ours, r.baseline, r.ratio) for r in res.rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
-    print(f"\n{title}")
-    for i, row in enumerate(rows):
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-
-
 async def run(args: argparse.Namespace) -> None:
     quick = args.quick
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -126,19 +104,33 @@ async def run(args: argparse.Namespace) -> None:
         runs: list[Results] = []
         started = time.perf_counter()
         chats = 8 if quick else 16
-        async with engine:
-            fmt = select_format(engine.tokenizer, name, "auto")
+        async with engine, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+            limits = None
+            if not args.no_limit and args.device == "cpu":
+                nbytes = weight_bytes(engine.model)
+                limits = await asyncio.to_thread(measure_limits, nbytes, dtype=args.dtype)
+            tokenizer = engine.tokenizer
+            assert tokenizer is not None  # set by start()
+            fmt = select_format(tokenizer, name, "auto")
+            peers = [Peer(spec, tokenizer, http) for spec in args.peer]
             ours = Ours(engine)
             hello = await asyncio.to_thread(fmt.encode, None, [], "Hello")  # the chat template's first use compiles it
-            await ours.answer(hello, 4)  # warm-up, both sides
+            await ours.answer(hello, 4)  # warm-up, every side
             await asyncio.to_thread(base.answer, hello, 4)
+            for peer in peers:
+                await peer.start()
+                await peer.answer(hello, 4)
             # Watched from here on: loading the model holds the interpreter now and then, as when the bot starts.
             monitor = asyncio.create_task(lag.run())
             for _ in range(args.repeat):
                 res = Results()
                 if "1" not in skip:
                     lag.phase = "workload 1"
-                    await workload1(res, ours, base, fmt, chats=chats, max_new_tokens=16 if quick else 64)
+                    tokens = 16 if quick else 64
+                    await decode_alone(res, ours, fmt, max_new_tokens=tokens, peers=peers, limits=limits)
+                    await workload1(
+                        res, ours, base, fmt, chats=chats, max_new_tokens=tokens, peers=peers, limits=limits
+                    )
                 if "2" not in skip:
                     lag.phase = "workload 2"
                     await workload2(
@@ -151,16 +143,21 @@ async def run(args: argparse.Namespace) -> None:
                         max_new_tokens=8 if quick else 24,
                         long_history_tokens=400 if quick else 2000,
                         pairs=2 if quick else 5,
+                        peers=peers,
                     )
                 if "3" not in skip:
                     lag.phase = "workload 3"
-                    await workload3(res, ours, fmt, requests=chats, every_s=0.5, max_new_tokens=16 if quick else 64)
+                    await workload3(
+                        res, ours, fmt, requests=chats, every_s=0.5, max_new_tokens=16 if quick else 64, peers=peers
+                    )
                 runs.append(res)
             lag.stop()
             await monitor
     finally:
         await asyncio.to_thread(base.close)
     res = median_rows(runs)
+    if limits is not None:
+        add_limit_rows(res, limits, chats)
     if "4" not in skip:
         await workload4(res, few=10, many=1000 if quick else 10_000, appends=40 if quick else 200)
     worst, where = lag.worst()
@@ -174,6 +171,17 @@ async def run(args: argparse.Namespace) -> None:
         f"repeat {args.repeat}{', quick' if quick else ''}, {time.perf_counter() - started:.0f} s"
     )
     print_table(res, title)
+
+
+def add_limit_rows(res: Results, limits: Limits, chats: int) -> None:
+    """What the shares in the table are shares of."""
+    mb = limits.bytes_per_step / 1e6
+    reads = f"{mb:.0f} MB of weights per step / torch.mv's {limits.read_gb_s:.1f} GB/s"
+    res.add("limit", f"1 row: {reads} (tok/s)", f"{limits.tokens_per_s(1):.1f}")
+    multiplies = (
+        f"or {2 * limits.bytes_per_step / limits.element_size / 1e9 * chats:.1f} GFLOP / {limits.gflops:.0f} GFLOPS"
+    )
+    res.add("limit", f"{chats} rows: the same reads, {multiplies} (tok/s)", f"{limits.tokens_per_s(chats):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,17 +30,30 @@ class UserBusyError(BotError):
 
 
 class RateLimitedError(BotError):
+    """Too many of something from one user within a minute; the sentence says when to try again."""
+
+    what = "messages"
+    sentence = (
+        "You've sent me {limit} messages in the last minute, the most I take from one person; "
+        "please try again in {wait}."
+    )
+
     def __init__(self, limit: int, retry_after: float) -> None:
         self.retry_after = retry_after
         seconds = max(1, math.ceil(retry_after))
-        unit = "second" if seconds == 1 else "seconds"
+        wait = f"{seconds} second" if seconds == 1 else f"{seconds} seconds"
         super().__init__(
-            f"rate limit of {limit} messages per minute reached",
-            user_message=(
-                f"You've sent me {limit} messages in the last minute, the most I take from one person; "
-                f"please try again in {seconds} {unit}."
-            ),
+            f"rate limit of {limit} {self.what} per minute reached",
+            user_message=self.sentence.format(limit=limit, wait=wait),
         )
+
+
+class NewChatRateLimitedError(RateLimitedError):
+    what = "new chats"
+    sentence = (
+        "You've started {limit} new chats in the last minute, the most I open for one person; "
+        "please try again in {wait}."
+    )
 
 
 class AdmissionTicket:
@@ -60,36 +73,29 @@ class AdmissionTicket:
         self._release()
 
 
-class Admission:
-    """Per-user limits: one request in flight per user and session, and at most `per_minute` admitted messages
-    per user over a sliding minute (0 = no rate limit). Refusals are immediate, never queued."""
+class RateWindow:
+    """At most `per_minute` events per user over a sliding minute (0 = no limit); `take` refuses the one over
+    with `error`. Refusals are immediate, never queued, and don't count."""
 
-    def __init__(self, *, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        error: type[RateLimitedError] = RateLimitedError,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.per_minute = per_minute
+        self.error = error
         self.clock = clock
-        self._in_flight: set[tuple[int, str]] = set()
-        # Admission times within the window, per user, least recently seen first: users idle for a whole window
+        # Event times within the window, per user, least recently seen first: users idle for a whole window
         # are dropped from the front, so this holds only the users of the last minute.
         self._recent: OrderedDict[int, deque[float]] = OrderedDict()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
 
     @property
     def tracked_users(self) -> int:
         return len(self._recent)
 
-    def admit(self, user_id: int, session_key: str) -> AdmissionTicket:
-        """A ticket for one request, or UserBusyError / RateLimitedError at once."""
-        key = (user_id, session_key)
-        if key in self._in_flight:
-            raise UserBusyError(f"user {user_id} already has a request in flight in {session_key}")
-        self._count(user_id)
-        self._in_flight.add(key)
-        return AdmissionTicket(lambda: self._in_flight.discard(key))
-
-    def _count(self, user_id: int) -> None:
+    def take(self, user_id: int) -> None:
         if self.per_minute <= 0:
             return
         now = self.clock()
@@ -104,9 +110,37 @@ class Admission:
         while times and times[0] <= horizon:
             times.popleft()
         if len(times) >= self.per_minute:
-            # Refused messages don't count: the window frees up at the pace the user was admitted.
-            raise RateLimitedError(self.per_minute, times[0] - horizon)
+            # Refusals don't count: the window frees up at the pace the user was admitted.
+            raise self.error(self.per_minute, times[0] - horizon)
         times.append(now)
+
+
+class Admission:
+    """Per-user limits: one request in flight per user and session, and at most `per_minute` admitted messages
+    per user over a sliding minute (0 = no rate limit). Refusals are immediate, never queued."""
+
+    def __init__(self, *, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self._in_flight: set[tuple[int, str]] = set()
+        self._rate = RateWindow(per_minute, clock=clock)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def tracked_users(self) -> int:
+        return self._rate.tracked_users
+
+    def admit(self, user_id: int, session_key: str) -> AdmissionTicket:
+        """A ticket for one request, or UserBusyError / RateLimitedError at once."""
+        key = (user_id, session_key)
+        if key in self._in_flight:
+            raise UserBusyError(f"user {user_id} already has a request in flight in {session_key}")
+        self._rate.take(user_id)
+        self._in_flight.add(key)
+        return AdmissionTicket(lambda: self._in_flight.discard(key))
 
 
 class NoticeGate:
@@ -205,6 +239,13 @@ class AccessPolicy:
         if not self.system_prompt_roles:
             return True
         return not asker.in_dm and bool(self.system_prompt_roles & asker.role_ids)
+
+    def may_set_persona(self, asker: Asker, *, manages_server: bool) -> bool:
+        """A persona speaks for everyone in a place, so unlike /newchat's prompt an empty role list does not open
+        it to all: it takes Manage Server, or one of the system-prompt roles."""
+        if asker.in_dm:
+            return False
+        return manages_server or bool(self.system_prompt_roles & asker.role_ids)
 
 
 def has_visible_text(text: str) -> bool:

@@ -13,108 +13,73 @@ import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from datetime import datetime
 
-from bot.attachments import TextFile, with_files
+from bot.attachments import with_files
 from bot.config import Settings
 from bot.engine import Engine, GenerationRequest, SamplingParams
-from bot.errors import BotError, MessageRejectedError, StorageError
+from bot.errors import BotError, MessageRejectedError, NotLatestAnswerError, StorageError
 from bot.history import HeldSession, HistoryStore
+from bot.personas import PersonaStore, expand_prompt_variables, prompt_variables
 from bot.render import Renderer, Speaker
 from bot.sessions import MessageStatus, Place, Session, StoredMessage, utc_now_iso
+from bot.turn import PlaceNames, Turn, TurnInput, record_unanswered, title_from
 
 log = logging.getLogger(__name__)
 
-TITLE_CHARS = 60
 # A reply to an answer older than this many sessions of its place goes to the place's current session.
 ANSWER_LOOKUP_SESSIONS = 20
-
-
-@dataclass(frozen=True)
-class TurnInput:
-    place: Place
-    author_id: int | None
-    text: str
-    message_id: int | None = None
-    author_name: str | None = None  # the display name, for the prompt of a session with several speakers
-    files: tuple[TextFile, ...] = ()  # text files read from the message, part of what the model sees
-
-
-class Turn:
-    """A turn in progress: the session it belongs to and the answer's text as it streams.
-
-    The session stays held (its one lock) while the turn runs; `mark_answering` writes the user's message as
-    pending with the answer's Discord message, so a restart after a crash can tell the user it was cut off."""
-
-    def __init__(
-        self,
-        held: HeldSession,
-        user_message: StoredMessage,
-        *,
-        queued_ahead: int,
-        deltas: AsyncIterator[str],
-    ) -> None:
-        self.held = held
-        self.user_message = user_message
-        self.queued_ahead = queued_ahead
-        # The place's session file could not be read, so this turn starts a new session: the user should know.
-        self.history_lost = held.replaced_broken
-        self.answer = ""
-        self.finished = False
-        self.stopped = False
-        self.marked = False  # the pending mark is in the session file (the last message)
-        self._deltas = deltas
-
-    @property
-    def session(self) -> Session:
-        return self.held.session
-
-    async def stream(self) -> AsyncIterator[str]:
-        async for delta in self._deltas:
-            self.answer += delta
-            yield delta
-            if self.stopped:
-                return
-        self.finished = True
-
-    def stop(self) -> None:
-        """End the answer where it is (the Stop button); the part written so far is kept, marked stopped."""
-        self.stopped = True
-
-    async def mark_answering(self, answer_message_id: int) -> None:
-        """Once: the answer now shows in Discord as message `answer_message_id`."""
-        if self.marked:
-            return
-        self.user_message = dataclasses.replace(self.user_message, answer_message_id=answer_message_id)
-        try:
-            await self.held.commit([dataclasses.replace(self.user_message, status="pending")])
-        except BotError:
-            log.warning("session %s: could not mark the answer in progress", self.session.id, exc_info=True)
-            return
-        self.marked = True
-
-    async def end(self, messages: list[StoredMessage], title: str | None = None) -> None:
-        """The turn's outcome, in place of the pending mark if there is one."""
-        await self.held.commit(messages, title=title, replacing=1 if self.marked else 0)
 
 
 class ChatService:
     """Sessions, prompts and the engine put together; knows nothing of Discord."""
 
-    def __init__(self, *, settings: Settings, store: HistoryStore, engine: Engine, renderer: Renderer) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: HistoryStore,
+        engine: Engine,
+        renderer: Renderer,
+        personas: PersonaStore | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.engine = engine
         self.renderer = renderer
+        self.personas = personas
+
+    def system_prompt_for(
+        self, place: Place, names: PlaceNames | None = None, *, given: str | None = None
+    ) -> str | None:
+        """A new session's system prompt: the one given (/newchat's), else the persona of its channel or server,
+        else `[chat] system_prompt`; its {date}, {time}, {server}, {channel} and {bot} filled in now, once, so the
+        prompt stays the same through the session (and its cached prefix reusable)."""
+        prompt = given
+        if prompt is None and self.personas is not None and place.guild_id is not None:
+            persona = self.personas.get(place.guild_id, place.channel_id)
+            prompt = persona.prompt if persona is not None else None
+        if prompt is None:
+            prompt = self.settings.chat.system_prompt
+        if not prompt:
+            return None
+        names = names or PlaceNames()
+        values = prompt_variables(
+            now=datetime.now().astimezone(), bot=names.bot, server=names.server, channel=names.channel
+        )
+        return expand_prompt_variables(prompt, values)
 
     async def current_session(self, place: Place, *, owner_id: int | None) -> Session:
         """The place's current session, made on first use (or when the old file was broken and set aside)."""
         async with self._hold(place, owner_id) as held:
             return held.session
 
-    def _hold(self, place: Place, owner_id: int | None) -> AbstractAsyncContextManager[HeldSession]:
-        prompt = self.settings.chat.system_prompt
-        return self.store.hold_current(place, owner_id=owner_id, system_prompt=prompt or None)
+    def _hold(
+        self, place: Place, owner_id: int | None, names: PlaceNames | None = None
+    ) -> AbstractAsyncContextManager[HeldSession]:
+        # The prompt is worked out for a session that may not be made; reading a persona costs nothing.
+        prompt = self.system_prompt_for(place, names)
+        return self.store.hold_current(place, owner_id=owner_id, system_prompt=prompt)
 
     async def close_interrupted_turns(self, tell: Callable[[Session, StoredMessage], Awaitable[None]]) -> int:
         """After a crash: every answer that history shows as still being written was cut off. `tell` shows that
@@ -153,6 +118,18 @@ class ChatService:
                 return session.id
         return None
 
+    async def continue_here(self, place: Place, session: Session, *, owner_id: int | None) -> Session:
+        """Make `session` the current one of `place`: itself when it lives there, else a copy of its conversation
+        (a session belongs to one place, and the original stays where it was)."""
+        if session.place.key == place.key:
+            await self.store.set_current(place, session.id)
+            return session
+        copy = await self.store.create(
+            place, owner_id=owner_id, title=session.title, system_prompt=session.system_prompt
+        )
+        kept = [m for m in session.messages if m.status != "pending"]
+        return await self.store.append(copy.id, kept) if kept else copy
+
     async def new_session(
         self,
         place: Place,
@@ -160,11 +137,10 @@ class ChatService:
         owner_id: int | None,
         title: str | None = None,
         system_prompt: str | None = None,
+        names: PlaceNames | None = None,
     ) -> Session:
-        prompt = self.settings.chat.system_prompt if system_prompt is None else system_prompt
-        return await self.store.create(
-            place, owner_id=owner_id, title=title or "New chat", system_prompt=prompt or None
-        )
+        prompt = self.system_prompt_for(place, names, given=system_prompt)
+        return await self.store.create(place, owner_id=owner_id, title=title or "New chat", system_prompt=prompt)
 
     def check_length(self, text: str) -> None:
         limit = self.settings.chat.max_message_chars
@@ -184,7 +160,11 @@ class ChatService:
         if not text and not request.files:
             # Nothing to keep: an empty message (or only a mention) is not a turn at all.
             raise MessageRejectedError("empty message", user_message="Send me some text and I'll answer it.")
-        holding = self.store.hold(session_id) if session_id else self._hold(request.place, request.author_id)
+        holding: AbstractAsyncContextManager[HeldSession]
+        if session_id:
+            holding = self.store.hold(session_id)
+        else:
+            holding = self._hold(request.place, request.author_id, request.names)
         async with contextlib.AsyncExitStack() as stack:
             try:
                 held = await stack.enter_async_context(holding)
@@ -193,48 +173,83 @@ class ChatService:
             yield await stack.enter_async_context(self._turn_in(held, request, text))
 
     @asynccontextmanager
+    async def regenerate(self, session_id: str, asked_message_id: int) -> AsyncIterator[Turn]:
+        """A new answer to the latest question of a session, which asked in Discord message `asked_message_id`;
+        it replaces the old answer in history once it is complete (a failure before it begins keeps the old)."""
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                held = await stack.enter_async_context(self.store.hold(session_id))
+            except LookupError as exc:
+                raise StorageError(f"session {session_id} cannot be read: {exc}") from exc
+            messages = held.session.messages
+            turns = held.session.answered_turns()
+            if not turns or turns[-1][0].discord_message_id != asked_message_id or messages[-1] is not turns[-1][1]:
+                raise NotLatestAnswerError(f"message {asked_message_id} is not the latest answer of {session_id}")
+            asked = len(messages) - 2
+            before = dataclasses.replace(held.session, messages=messages[:asked])
+            yield await stack.enter_async_context(
+                self._answer(held, messages[asked], context=before, replaces=2, title=None)
+            )
+
+    @asynccontextmanager
     async def _turn_in(self, held: HeldSession, request: TurnInput, text: str) -> AsyncIterator[Turn]:
         session = held.session
         # History keeps the turn as the model saw it: the text, then the files marked with their names.
-        content = with_files(text, request.files)
         user_message = StoredMessage(
             role="user",
-            content=content,
+            content=with_files(text, request.files),
             author_id=request.author_id,
             created_at=utc_now_iso(),
             discord_message_id=request.message_id,
             author_name=request.author_name,
         )
-        deltas: AsyncGenerator[str, None] | None = None
-        turn: Turn | None = None
         try:
             # Too long is checked here, not earlier, so the refused text is kept (marked failed), not lost.
             self.check_length(text)
+        except MessageRejectedError as exc:
+            await record_unanswered(held, [dataclasses.replace(user_message, status="failed")], exc)
+            raise
+        new_session = session.turns == 0 and session.title == "New chat"
+        title = title_from(text or request.files[0].filename) if new_session else None
+        async with self._answer(held, user_message, context=session, replaces=0, title=title) as turn:
+            yield turn
+
+    @asynccontextmanager
+    async def _answer(
+        self, held: HeldSession, user_message: StoredMessage, *, context: Session, replaces: int, title: str | None
+    ) -> AsyncIterator[Turn]:
+        """Stream an answer to `user_message` after the history in `context`; the outcome replaces the last
+        `replaces` messages of the held session."""
+        deltas: AsyncGenerator[str, None] | None = None
+        turn: Turn | None = None
+        try:
             # Tokenizing a long history takes milliseconds: off the event loop.
-            speaker = Speaker(request.author_id, request.author_name)
-            rendered = await asyncio.to_thread(self.renderer.render, session, content, speaker)
+            speaker = Speaker(user_message.author_id, user_message.author_name)
+            rendered = await asyncio.to_thread(self.renderer.render, context, user_message.content, speaker)
             queued_ahead = self.engine.waiting
             deltas = self.engine.generate(
                 GenerationRequest(
                     prompt=rendered.prompt,
                     sampling=SamplingParams.from_settings(self.settings.model),
-                    session_id=session.id,
+                    session_id=held.session.id,
                 )
             )
-            turn = Turn(held, user_message, queued_ahead=queued_ahead, deltas=deltas)
+            turn = Turn(held, user_message, queued_ahead=queued_ahead, deltas=deltas, replaces=replaces)
             yield turn
         except BaseException as exc:
             # Errors fail the turn; CancelledError and GeneratorExit (the caller went away) cancel it.
             status: MessageStatus = "failed" if isinstance(exc, Exception) else "cancelled"
-            if turn is None:
-                await _record_unanswered(held, [dataclasses.replace(user_message, status=status)], exc)
-            else:
-                await _record_unanswered(turn, [dataclasses.replace(turn.user_message, status=status)], exc)
+            target = turn or Turn(held, user_message, queued_ahead=0, deltas=_nothing(), replaces=replaces)
+            await record_unanswered(target, [dataclasses.replace(target.user_message, status=status)], exc)
             raise
         finally:
             if deltas is not None:
                 # Takes the request out of the engine's batch if the stream was left early.
                 await deltas.aclose()
+        if not (turn.finished or turn.stopped):
+            # The caller left the stream early (message deleted, shutdown): the turn has no answer.
+            await record_unanswered(turn, [dataclasses.replace(turn.user_message, status="cancelled")], None)
+            return
         answer = StoredMessage(
             role="assistant",
             content=turn.answer.strip(),
@@ -243,32 +258,9 @@ class ChatService:
             discord_message_id=turn.user_message.answer_message_id,
             status="stopped" if turn.stopped else "ok",
         )
-        if not (turn.finished or turn.stopped):
-            # The caller left the stream early (message deleted, shutdown): the turn has no answer.
-            await _record_unanswered(turn, [dataclasses.replace(turn.user_message, status="cancelled")], None)
-            return
-        title = (
-            _title_from(text or request.files[0].filename)
-            if session.turns == 0 and session.title == "New chat"
-            else None
-        )
         await turn.end([dataclasses.replace(turn.user_message, status="ok"), answer], title=title)
 
 
-async def _record_unanswered(
-    target: Turn | HeldSession, messages: list[StoredMessage], exc: BaseException | None
-) -> None:
-    session = target.session
-    log.info("session %s: turn ended without an answer (%s: %r)", session.id, messages[0].status, exc)
-    try:
-        if isinstance(target, Turn):
-            await target.end(messages)
-        else:
-            await target.commit(messages)
-    except BotError:
-        log.warning("session %s: could not record the unanswered turn", session.id, exc_info=True)
-
-
-def _title_from(text: str) -> str:
-    first_line = " ".join(text.split())
-    return first_line if len(first_line) <= TITLE_CHARS else first_line[: TITLE_CHARS - 1] + "…"
+async def _nothing() -> AsyncIterator[str]:
+    return
+    yield  # an async generator that yields nothing: a Turn that never began

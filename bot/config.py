@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from bot.errors import ConfigError
+from bot.secrets import ENV_FILE_NAME, check_env_names, read_env_file
 
 DISCORD_API_BASE = "https://discord.com/api/v10"
 
@@ -26,6 +27,8 @@ Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 PromptFormatName = Literal["auto", "llama2", "template"]
 Backend = Literal["local", "openai"]
 Quantization = Literal["none", "4bit", "8bit"]
+# "decode": the local engine runs its decode steps through torch.compile (bot/engine/local/compiled.py).
+CompileMode = Literal["off", "decode"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class DiscordSettings:
     newchat_system_prompt_role_ids: tuple[int, ...] = ()
     shard_count: int | None = None
     shard_ids: tuple[int, ...] = ()
+    # Start-up: tries at reaching Discord and logging in before giving up; the wait doubles from this many seconds.
+    login_attempts: int = 6
+    login_retry_delay: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,10 @@ class ModelSettings:
     api_key_env: str = "OPENAI_API_KEY"
     tokenizer: str | None = None
     request_timeout: float = 120.0
+    # backend = "openai": a thinking model's reasoning is shown as a spoiler before its answer, not left out.
+    show_reasoning: bool = False
     quantization: Quantization = "none"
+    compile: CompileMode = "off"
     # accelerate's per-device budget: GPU index ("0") or "cpu"/"disk" -> size such as "20GiB".
     max_memory: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -80,6 +89,13 @@ class ChatSettings:
     )
     max_message_chars: int = 4000
     rate_limit_per_minute: int = 0
+    newchat_per_minute: int = 3
+    # Text files attached to a message are read into the turn (bot/attachments.py): at most this many, each at most
+    # this many bytes; the rest get a sentence.
+    max_attachments: int = 3
+    max_attachment_bytes: int = 100_000
+    # Characters of someone else's message quoted into the turn when a user replies to it mentioning the bot.
+    reply_quote_chars: int = 1000
 
 
 @dataclass(frozen=True)
@@ -101,10 +117,12 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: Path | None = None
+    # The `.env` file beside the config (variable -> value): secrets only, never shown, never compared.
+    env_file: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False, compare=False)
 
     def secret(self, env_name: str) -> str | None:
-        """The value of a secret from the environment; secrets never live in the TOML."""
-        value = os.environ.get(env_name, "").strip()
+        """The value of a secret: the environment, else the `.env` file beside the config; never the TOML."""
+        value = os.environ.get(env_name, "").strip() or self.env_file.get(env_name, "").strip()
         return value or None
 
     @property
@@ -151,10 +169,12 @@ def load_settings(path: Path | str) -> Settings:
         raise ConfigError(path, "-", "file not found (copy config.example.toml to start)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "-", f"not valid TOML: {exc}") from None
-    return settings_from_mapping(raw, source=path)
+    return settings_from_mapping(raw, source=path, env_file=read_env_file(path.parent / ENV_FILE_NAME))
 
 
-def settings_from_mapping(raw: Mapping[str, Any], *, source: Path | str = "<config>") -> Settings:
+def settings_from_mapping(
+    raw: Mapping[str, Any], *, source: Path | str = "<config>", env_file: Mapping[str, str] | None = None
+) -> Settings:
     """Validate an already parsed TOML document (tests and `load_settings` use it)."""
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
@@ -169,23 +189,9 @@ def settings_from_mapping(raw: Mapping[str, Any], *, source: Path | str = "<conf
     if not storage.data_dir.is_absolute() and isinstance(source, Path):
         # Relative to the config file, so the bot finds its data whatever folder it is started from.
         sections["storage"] = dataclasses.replace(storage, data_dir=source.parent / storage.data_dir)
-    settings = Settings(**sections, source=Path(source))
+    settings = Settings(**sections, source=Path(source), env_file=MappingProxyType(dict(env_file or {})))
     _check_values(settings, source)
     return settings
-
-
-def require_secret(settings: Settings, env_key: str) -> str:
-    """The secret named by `[section] env_key`; a ConfigError naming that key when it is unset."""
-    section, _, name = env_key.partition(".")
-    env_name = getattr(getattr(settings, section), name)
-    value = settings.secret(env_name)
-    if value is None:
-        raise ConfigError(
-            settings.source or "<config>",
-            env_key,
-            f"environment variable {env_name} is not set (it holds a secret, never the file)",
-        )
-    return value
 
 
 def _build_section(cls: type, section: str, table: Mapping[str, Any], source: Path | str) -> Any:
@@ -257,6 +263,7 @@ def _check_values(s: Settings, source: Path | str) -> None:
         if not ok:
             raise ConfigError(source, key, problem)
 
+    check_env_names(s, source)
     m = s.model
     require(bool(m.name.strip()), "model.name", "must not be empty")
     require(m.context_length is None or m.context_length > 0, "model.context_length", "must be positive")
@@ -289,11 +296,17 @@ def _check_values(s: Settings, source: Path | str) -> None:
         "model.max_memory",
         f"needs model.device_map to be one of {', '.join(sorted(ACCELERATE_DEVICE_MAPS))}",
     )
+    c = s.chat
+    require(c.max_attachments >= 0, "chat.max_attachments", "must not be negative (0 reads no attachments)")
+    require(c.max_attachment_bytes > 0, "chat.max_attachment_bytes", "must be positive")
+    require(c.reply_quote_chars >= 0, "chat.reply_quote_chars", "must not be negative (0 quotes nothing)")
     d = s.discord
     require(d.api_base.startswith(("http://", "https://")), "discord.api_base", "must be an http(s) URL")
     require(bool(d.token_env), "discord.token_env", "must name an environment variable")
     require(d.stream_edit_interval > 0, "discord.stream_edit_interval", "must be positive")
     require(d.shutdown_grace >= 0, "discord.shutdown_grace", "must not be negative")
+    require(d.login_attempts > 0, "discord.login_attempts", "must be positive")
+    require(d.login_retry_delay >= 0, "discord.login_retry_delay", "must not be negative")
     require(all(g > 0 for g in d.guild_ids), "discord.guild_ids", "must be positive Discord IDs")
     for key in ACCESS_LISTS:
         require(all(i > 0 for i in getattr(d, key)), f"discord.{key}", "must be positive Discord IDs")
@@ -309,3 +322,4 @@ def _check_values(s: Settings, source: Path | str) -> None:
     require(bool(s.metrics.prometheus_addr.strip()), "metrics.prometheus_addr", "must not be empty")
     require(s.chat.max_message_chars > 0, "chat.max_message_chars", "must be positive")
     require(s.chat.rate_limit_per_minute >= 0, "chat.rate_limit_per_minute", "must be >= 0 (0 turns the limit off)")
+    require(s.chat.newchat_per_minute >= 0, "chat.newchat_per_minute", "must be >= 0 (0 turns the limit off)")

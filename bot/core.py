@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from bot.chat import ChatService
 from bot.config import Settings
 from bot.engine import Engine, LocalEngine, RemoteEngine
-from bot.errors import ConfigError
+from bot.engine.local.source import ModelHubUnreachableError, ModelNotFoundError
+from bot.errors import ConfigError, StartUpError
 from bot.history import HistoryStore
+from bot.personas import PersonaStore
 from bot.render import Renderer
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ class Core:
     engine: Engine
     renderer: Renderer
     chat: ChatService
+    personas: PersonaStore
 
 
 @asynccontextmanager
@@ -32,20 +35,26 @@ async def open_core(settings: Settings, *, engine: Engine | None = None) -> Asyn
     engine = engine or build_engine(settings)
     async with HistoryStore(settings.storage.data_dir) as store, started(engine, settings):
         renderer = Renderer.for_engine(settings, engine)
-        chat = ChatService(settings=settings, store=store, engine=engine, renderer=renderer)
-        yield Core(settings=settings, store=store, engine=engine, renderer=renderer, chat=chat)
+        personas = await PersonaStore.load(settings.storage.data_dir)
+        chat = ChatService(settings=settings, store=store, engine=engine, renderer=renderer, personas=personas)
+        yield Core(settings=settings, store=store, engine=engine, renderer=renderer, chat=chat, personas=personas)
 
 
 @asynccontextmanager
 async def started(engine: Engine, settings: Settings) -> AsyncIterator[Engine]:
     """The engine, started; a model that cannot be loaded (not found, no access, no network) is a clear
     start-up error naming `[model] name`, not a stack trace."""
+    source = settings.source or "<config>"
     try:
         await engine.start()
+    except ModelNotFoundError as exc:
+        raise ConfigError(source, exc.key, exc.problem) from None
+    except ModelHubUnreachableError as exc:
+        raise StartUpError(str(exc)) from None
     except OSError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
-            settings.source or "<config>",
+            source,
             "model.name",
             f"cannot load {settings.model.name!r}: {first_line} (a gated model such as LLaMA-2 needs HF_TOKEN "
             "and its licence accepted on Hugging Face; or set name to a local folder)",

@@ -27,6 +27,11 @@ class ApiBaseUnreachableError(Exception):
     """Nothing at the API base answered GET /gateway with a gateway URL; the message says what happened."""
 
 
+class ApiBaseDownError(ApiBaseUnreachableError):
+    """Nothing answered at all (connection refused, no such host, timeout) or the server failed (5xx): an outage
+    that may pass, where the other answers mean `[discord] api_base` is wrong."""
+
+
 async def gateway_of(api_base: str) -> yarl.URL:
     """The gateway the API at `api_base` names (GET /gateway, which needs no token)."""
     url = f"{api_base}/gateway"
@@ -36,7 +41,12 @@ async def gateway_of(api_base: str) -> yarl.URL:
             response.raise_for_status()
             data = await response.json()
         return yarl.URL(str(data["url"]))
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise ApiBaseDownError(f"no Discord API answered GET {url} ({exc or type(exc).__name__})") from None
+    except aiohttp.ClientResponseError as exc:
+        error = ApiBaseDownError if exc.status >= 500 else ApiBaseUnreachableError
+        raise error(f"no Discord API answered GET {url} with a gateway URL (HTTP {exc.status})") from None
+    except (aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
         raise ApiBaseUnreachableError(f"no Discord API answered GET {url} with a gateway URL ({exc!r})") from None
 
 

@@ -24,6 +24,18 @@ class ConfigError(Exception):
         super().__init__(f"{self.path}: [{key}] {problem}")
 
 
+class StartUpError(Exception):
+    """The bot cannot start, for a reason the message states with what to do about it (printed as one line).
+
+    `exit_status` tells systemd whether a restart can help: 2 is something an operator must change first (a
+    setting, a switch in the Discord Developer Portal), 1 is an outside failure (Discord or the model hub
+    unreachable) that may pass."""
+
+    def __init__(self, message: str, *, exit_status: int = 1) -> None:
+        self.exit_status = exit_status
+        super().__init__(message)
+
+
 class ModelFetchError(Exception):
     """A model the bot fetches itself (SmolLM2-135M-Instruct, bot/smollm2.py) could not be downloaded, converted or
     cached; the message names the step and the reason."""
@@ -93,3 +105,18 @@ class StorageError(BotError):
 
 class MessageRejectedError(BotError):
     """The message cannot be a turn as it is (empty, too long in characters); nothing was sent to the model."""
+
+
+class NotLatestAnswerError(BotError):
+    """Regenerate was asked of an answer that a later turn has followed."""
+
+    user_message = "Only the latest answer of a conversation can be regenerated."
+
+
+class ThoughtWithoutAnswerError(GenerationFailedError):
+    """A thinking model ended with reasoning and no answer, or its answer was empty when max_new_tokens ran out."""
+
+    user_message = (
+        "The model spent its whole answer budget thinking and wrote no answer; please try again, or ask an operator "
+        "to raise max_new_tokens."
+    )

@@ -2,7 +2,8 @@
 
 That app kept one JSON object of every session: session id → list of messages, each either a
 [user, assistant] pair or a {"role", "content"} dict. Imported sessions become terminal ("console") sessions,
-listed and resumable with `python -m bot chat`; the old id is kept in the title.
+listed and resumable with `python -m bot chat`; the old id is kept in the title, which is how a second import of
+the same file knows what it already holds.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,24 @@ IMPORT_USER_ID = 0
 
 
 class ImportFormatError(ValueError):
-    """The file is not a Gradio chat history; the message says where."""
+    """The file cannot be read or is not a Gradio chat history; the message names it and says where."""
 
 
 @dataclass(frozen=True)
 class ImportReport:
     sessions: int
     messages: int
-    skipped: list[str]
+    skipped: list[str]  # old ids of sessions without messages
+    already_imported: list[str] = field(default_factory=list)  # old ids an earlier import brought in
+
+
+def plural(count: int, noun: str) -> str:
+    """ "1 session", "2 sessions" """
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def imported_title(old_id: str) -> str:
+    return f"Imported {old_id}"[:100]
 
 
 def parse_gradio_messages(old_id: str, items: Any) -> list[tuple[str, str]]:
@@ -43,6 +54,12 @@ def parse_gradio_messages(old_id: str, items: Any) -> list[tuple[str, str]]:
     for index, item in enumerate(items):
         if isinstance(item, list | tuple) and len(item) == 2:
             user, assistant = item
+            if not all(part is None or isinstance(part, str) for part in item):
+                odd = next(part for part in item if not (part is None or isinstance(part, str)))
+                raise ImportFormatError(
+                    f"session {old_id!r}, message {index}: a [user, assistant] pair holds text (or null), "
+                    f"not {_json_kind(odd)}"
+                )
             if isinstance(user, str) and user.strip():
                 messages.append(("user", user))
             if isinstance(assistant, str) and assistant.strip():
@@ -63,20 +80,24 @@ def parse_gradio_messages(old_id: str, items: Any) -> list[tuple[str, str]]:
 
 
 async def import_gradio_history(path: Path, store: HistoryStore, *, default_system_prompt: str) -> ImportReport:
-    async with aiofiles.open(path, encoding="utf-8") as file:
-        text = await file.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ImportFormatError(f"{path}: not valid JSON ({exc})") from None
+    """Import every session of the file that is not in the store yet; nothing at all when the file is bad."""
+    data = await _read_json(path)
     if not isinstance(data, dict):
-        raise ImportFormatError(f"{path}: expected a JSON object of session id → messages")
+        raise ImportFormatError(f"{path}: expected a JSON object of session id → messages, not {_json_kind(data)}")
     # Parse everything before writing anything: a bad file imports nothing rather than half of itself.
-    parsed = {str(old_id): parse_gradio_messages(str(old_id), items) for old_id, items in data.items()}
+    try:
+        parsed = {str(old_id): parse_gradio_messages(str(old_id), items) for old_id, items in data.items()}
+    except ImportFormatError as exc:
+        raise ImportFormatError(f"{path}: {exc}") from None
     place = Place(kind="console", user_id=IMPORT_USER_ID)
+    earlier = {s.title for s in store.list_sessions(kinds=["console"], user_id=IMPORT_USER_ID)}
     sessions = messages = 0
     skipped: list[str] = []
+    already: list[str] = []
     for old_id, session_messages in parsed.items():
+        if imported_title(old_id) in earlier:
+            already.append(old_id)
+            continue
         system = next((text for role, text in session_messages if role == "system"), default_system_prompt)
         turns = [(role, text) for role, text in session_messages if role != "system"]
         if not turns:
@@ -85,7 +106,7 @@ async def import_gradio_history(path: Path, store: HistoryStore, *, default_syst
         session = await store.create(
             place,
             owner_id=IMPORT_USER_ID,
-            title=f"Imported {old_id}"[:100],
+            title=imported_title(old_id),
             system_prompt=system or None,
             make_current=False,
         )
@@ -93,7 +114,23 @@ async def import_gradio_history(path: Path, store: HistoryStore, *, default_syst
         sessions += 1
         messages += len(turns)
     log.info("imported %d sessions (%d messages) from %s", sessions, messages, path)
-    return ImportReport(sessions=sessions, messages=messages, skipped=skipped)
+    return ImportReport(sessions=sessions, messages=messages, skipped=skipped, already_imported=already)
+
+
+async def _read_json(path: Path) -> Any:
+    try:
+        async with aiofiles.open(path, encoding="utf-8") as file:
+            text = await file.read()
+    except FileNotFoundError:
+        raise ImportFormatError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ImportFormatError(f"{path}: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ImportFormatError(f"{path}: not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ImportFormatError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _stored(turns: Iterable[tuple[str, str]]) -> Iterable[StoredMessage]:
@@ -105,3 +142,15 @@ def _stored(turns: Iterable[tuple[str, str]]) -> Iterable[StoredMessage]:
             author_id=IMPORT_USER_ID if role == "user" else None,
             created_at=now,
         )
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value was, in JSON's words."""
+    kinds = (
+        (bool, "true/false"),
+        (dict, "an object"),
+        (list, "an array"),
+        (str, "a string"),
+        (int | float, "a number"),
+    )
+    return next((kind for cls, kind in kinds if isinstance(value, cls)), "null")

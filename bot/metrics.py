@@ -25,6 +25,7 @@ from bot.errors import ConfigError
 if TYPE_CHECKING:
     from bot.config import Settings
     from bot.history import HistoryStore
+    from bot.personas import PersonaStore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class StatusFigures:
     tokens_generated: int
     requests: int
     sessions_stored: int
+    personas: int  # set with /persona, channels and servers together
     uptime_s: float
     version: str
 
@@ -87,12 +89,14 @@ class BotMetrics:
         settings: Settings,
         engine: Engine,
         store: HistoryStore,
+        personas: PersonaStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         window_s: float = WINDOW_S,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.personas = personas
         self._clock = clock
         self._started = clock()
         self._rate = TokenRate(window_s)
@@ -124,6 +128,7 @@ class BotMetrics:
             tokens_generated=stats.tokens_generated,
             requests=stats.requests,
             sessions_stored=self.store.session_count,
+            personas=self.personas.count if self.personas is not None else 0,
             uptime_s=self._clock() - self._started,
             version=self.version,
         )
@@ -205,6 +210,7 @@ class _Collector:
         yield CounterMetricFamily("llama_discord_tokens_generated", "Answer tokens streamed", f.tokens_generated)
         yield CounterMetricFamily("llama_discord_requests", "Generation requests sent to the engine", f.requests)
         yield GaugeMetricFamily("llama_discord_sessions_stored", "Chat sessions on disk", f.sessions_stored)
+        yield GaugeMetricFamily("llama_discord_personas", "Personas set with /persona", f.personas)
         yield GaugeMetricFamily("llama_discord_uptime_seconds", "Seconds since the bot started", f.uptime_s)
         allocated = GaugeMetricFamily(
             "llama_discord_gpu_memory_allocated_bytes", "GPU memory held by this process's tensors", labels=["device"]

@@ -26,7 +26,9 @@ class StreamingReply:
         edit_interval: float,
         ping_author: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        rewrite: discord.Message | None = None,
     ) -> None:
+        """`rewrite`: stream into this message of the bot's (a regenerated answer) instead of a new reply."""
         self.source = source
         self.edit_interval = edit_interval
         self.allowed_mentions = no_pings(ping_author=ping_author)
@@ -34,9 +36,13 @@ class StreamingReply:
         self.messages: list[discord.Message] = []
         # The part of the answer that belongs to the last message; earlier messages are final.
         self.pending = ""
-        self._current: discord.Message | None = None
+        self._current: discord.Message | None = rewrite
         self._shown = ""
         self._last_edit = float("-inf")
+        if rewrite is not None:
+            self.messages.append(rewrite)
+        # Buttons (Stop, Regenerate) ride on the answer's first message.
+        self.view: discord.ui.View | None = None
 
     async def note(self, text: str) -> None:
         """A short status line (e.g. the queue position) that the answer will replace."""
@@ -53,12 +59,26 @@ class StreamingReply:
         if self.pending.strip() and self.clock() - self._last_edit >= self.edit_interval:
             await self._show(self.pending.rstrip() + STREAMING_MARK)
 
-    async def finish(self) -> None:
+    async def finish(self, note: str = "") -> None:
+        """The final edit: the answer without the streaming mark (and `note` after it, e.g. who stopped it)."""
         text = self.pending.strip()
         if not text and not self.messages:
             text = EMPTY_ANSWER
+        if note:
+            text = f"{text}\n\n{note}"[-MESSAGE_LIMIT:] if text else note
         if text:  # feed() keeps pending within one message
             await self._show(text)
+        if len(self.messages) > 1:  # the buttons' message was not the one just edited
+            await self.show_view(self.view)
+
+    async def show_view(self, view: discord.ui.View | None) -> None:
+        """Put `view` (or no buttons) on the answer's first message."""
+        self.view = view
+        if self.messages:
+            first = self.messages[0]
+            self.messages[0] = await first.edit(view=view)
+            if self._current is first:
+                self._current = self.messages[0]
 
     async def fail(self, sentence: str) -> None:
         """Tell the user why there is no (complete) answer, in the reply itself when there is one."""
@@ -74,6 +94,10 @@ class StreamingReply:
             return
         if self._current is None:
             await self._send(text)
+        elif self._current is self.messages[0]:
+            self._current = self.messages[0] = await self._current.edit(
+                content=text, allowed_mentions=self.allowed_mentions, view=self.view
+            )
         else:
             self._current = await self._current.edit(content=text, allowed_mentions=self.allowed_mentions)
         self._shown = text
@@ -85,7 +109,10 @@ class StreamingReply:
             message = await channel.send(text, allowed_mentions=mentions)
         else:  # the first message replies to the user's; if theirs is gone by then, it is sent plain
             reference = self.source.to_reference(fail_if_not_exists=False)
-            message = await channel.send(text, reference=reference, allowed_mentions=mentions)
+            if self.view is None:
+                message = await channel.send(text, reference=reference, allowed_mentions=mentions)
+            else:
+                message = await channel.send(text, reference=reference, allowed_mentions=mentions, view=self.view)
         self.messages.append(message)
         self._current = message
         self._shown = text

@@ -1,9 +1,11 @@
-"""Conversation turns from Discord messages: a mention in a channel, any message in a session's thread or a DM."""
+"""Conversation turns from Discord messages: a mention in a channel, a reply to one of its answers, any message in a
+/newchat thread or a DM; the Stop and Regenerate buttons on its answers."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import discord
@@ -18,11 +20,15 @@ from bot.admission import (
     Refusal,
     has_visible_text,
 )
+from bot.attachments import TextFile
 from bot.chat import TurnInput
-from bot.discord_text import strip_mentions_of
-from bot.errors import BotError
+from bot.discord_text import no_pings, strip_mentions_of
+from bot.errors import BotError, NotLatestAnswerError
 from bot.reply_stream import StreamingReply
 from bot.sessions import Place
+from bot.turn import Turn
+from cogs.answer_buttons import RegenerateButton, StopButton, buttons, turn_off
+from cogs.message_parts import place_names, quoted, read_text_files, replied_message
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
@@ -32,7 +38,9 @@ log = logging.getLogger(__name__)
 RESTARTING = "I'm restarting; please ask again in a minute."
 TURN_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 EMPTY_HINT = "Send me some text and I'll answer it."
-ATTACHMENTS_NOT_READ = "I can't read attachments; please paste the text into your message."
+ONLY_ASKER = "Only the person who asked (or a moderator) can {what} this answer."
+SAME_ANSWER = "The model answers with temperature 0 here, so the new answer is the same as the old one."
+HISTORY_LOST = "*I could not read this conversation's earlier history, so I'm starting it afresh here.*"
 
 
 def place_of(channel: discord.abc.Messageable, author: discord.abc.User) -> Place | None:
@@ -70,6 +78,14 @@ class ChatCog(commands.Cog):
         self.access = AccessPolicy(bot.settings.discord)
         self.admission = Admission(per_minute=bot.settings.chat.rate_limit_per_minute)
         self.notices = NoticeGate()
+        # The turn streaming the answer to each user message, for its Stop button.
+        self.running: dict[int, Turn] = {}
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(StopButton, RegenerateButton)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(StopButton, RegenerateButton)
 
     async def drain(self, grace: float) -> None:
         self.stopping = True
@@ -83,8 +99,12 @@ class ChatCog(commands.Cog):
         if late:
             await asyncio.wait(late)
 
-    def is_bound_thread(self, place: Place) -> bool:
-        return bool(self.store.list_sessions(place_keys=[place.key]))
+    def is_bound_thread(self, channel: object) -> bool:
+        """Whether every message here is a turn: only in threads the bot opened (/newchat), which Discord records
+        as the thread's owner. Not "has a session": one mention in someone's thread must not make the bot answer
+        all that is said there, and a thread whose session file broke is still the bot's."""
+        me = self.bot.user
+        return isinstance(channel, discord.Thread) and me is not None and channel.owner_id == me.id
 
     def turn_text(self, message: discord.Message) -> tuple[Place, str] | None:
         """The place and text of the turn this message is, or None when it is not addressed to the bot."""
@@ -95,12 +115,15 @@ class ChatCog(commands.Cog):
         if place is None:
             return None
         mentioned = any(user.id == me.id for user in message.mentions)
+        # Discord's reply to one of the bot's answers is a turn in that answer's session, mention or not.
+        replied = replied_message(message)
+        to_bot = replied is not None and replied.author.id == me.id
         if place.kind == "dm":
             addressed = self.bot.settings.discord.allow_dms
         elif place.kind == "thread":
-            addressed = mentioned or self.is_bound_thread(place)
+            addressed = mentioned or to_bot or self.is_bound_thread(message.channel)
         else:
-            addressed = mentioned
+            addressed = mentioned or to_bot
         if not addressed:
             return None
         return place, strip_mentions_of(message.content, me.id)
@@ -118,9 +141,10 @@ class ChatCog(commands.Cog):
         if refusal is not None:
             await self.refuse(message, refusal)
             return
-        if not has_visible_text(text):
-            # Only a mention, only invisible characters, or only attachments: nothing for the model to read.
-            await self.reply(message, ATTACHMENTS_NOT_READ if message.attachments else EMPTY_HINT)
+        files, notes = await read_text_files(message, self.bot.settings.chat)
+        if not has_visible_text(text) and not files:
+            # Only a mention, only invisible characters, or only files it cannot read: nothing for the model.
+            await self.reply(message, " ".join(notes) or EMPTY_HINT)
             return
         try:
             # Checked before the turn takes the session's lock: a second message from the same user is refused
@@ -136,7 +160,7 @@ class ChatCog(commands.Cog):
             self.turn_channels[message.id] = message.channel.id
         try:
             with ticket:
-                await self.answer(message, place, text, ticket)
+                await self.answer(message, place, text, ticket, files=files, notes=notes)
         finally:
             self.turn_tasks.pop(message.id, None)
             self.turn_channels.pop(message.id, None)
@@ -176,24 +200,49 @@ class ChatCog(commands.Cog):
                 task.cancel()
 
     async def answer(
-        self, message: discord.Message, place: Place, text: str, ticket: AdmissionTicket | None = None
+        self,
+        message: discord.Message,
+        place: Place,
+        text: str,
+        ticket: AdmissionTicket | None = None,
+        *,
+        files: tuple[TextFile, ...] = (),
+        notes: Sequence[str] = (),
     ) -> None:
         settings = self.bot.settings.discord
         reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, ping_author=settings.ping_author)
-        request = TurnInput(place=place, author_id=message.author.id, text=text, message_id=message.id)
+        session_id = None
+        replied = replied_message(message)
+        if replied is not None and self.bot.user is not None and replied.author.id == self.bot.user.id:
+            session_id = await self.chat.session_of_answer(place, replied.id)
+        elif replied is not None:
+            text = quoted(replied, text, limit=self.bot.settings.chat.reply_quote_chars)
+        request = TurnInput(
+            place=place,
+            author_id=message.author.id,
+            text=text,
+            message_id=message.id,
+            author_name=message.author.display_name,
+            files=files,
+            names=place_names(message.channel, self.bot.user),
+        )
+        reply.view = buttons(StopButton(message.id))
         try:
+            if notes:
+                await message.channel.send(" ".join(notes), reference=message, allowed_mentions=no_pings())
             # The turn first: it queues for the session's lock in message order (typing() awaits Discord, whose
             # replies come back in any order).
-            async with self.chat.turn(request) as turn, message.channel.typing():
+            async with self.chat.turn(request, session_id=session_id) as turn, message.channel.typing():
+                if turn.history_lost:
+                    await message.channel.send(HISTORY_LOST, allowed_mentions=no_pings())
                 if turn.queued_ahead:
                     await reply.note(f"*queued: {turn.queued_ahead} ahead*")
-                async for delta in turn.stream():
-                    await reply.feed(delta)
+                await self.stream(turn, reply, message.id)
             if ticket is not None:
                 ticket.release()
             # Only now, with the exchange in history, does the user see the answer without the streaming mark:
             # an answer shown as final is never lost to a crash.
-            await reply.finish()
+            await self.finish(reply, turn, message.id)
         except BotError as exc:
             log.info("turn in %s refused or failed: %s", place.key, exc)
             await self.tell(reply, exc.user_message)
@@ -206,7 +255,72 @@ class ChatCog(commands.Cog):
             log.warning("Discord error while answering in %s: %s", place.key, exc)
             await self.tell(reply, "I could not deliver the whole answer because Discord refused a message.")
 
+    async def stream(self, turn: Turn, reply: StreamingReply, asked: int) -> None:
+        """The answer into Discord as it comes; the Stop button finds the turn under `asked` meanwhile."""
+        self.running[asked] = turn
+        try:
+            async for delta in turn.stream():
+                await reply.feed(delta)
+                if reply.messages and not turn.marked:
+                    await turn.mark_answering(reply.messages[0].id)
+        finally:
+            self.running.pop(asked, None)
+
+    async def finish(self, reply: StreamingReply, turn: Turn, asked: int) -> None:
+        reply.view = buttons(RegenerateButton(turn.session.id, asked))
+        await reply.finish(f"*Stopped by {turn.stopped_by or 'request'}.*" if turn.stopped else "")
+
+    async def stop_answer(self, interaction: discord.Interaction, asked: int) -> None:
+        """The Stop button: the asker or a moderator ends the answer to message `asked` where it is."""
+        turn = self.running.get(asked)
+        if turn is None:
+            await turn_off(interaction, "This answer is already finished.")
+            return
+        if interaction.user.id != turn.user_message.author_id and not interaction.permissions.manage_messages:
+            await interaction.response.send_message(ONLY_ASKER.format(what="stop"), ephemeral=True)
+            return
+        turn.stop(by=interaction.user.display_name)
+        await interaction.response.defer()
+
+    async def regenerate(self, interaction: discord.Interaction, session_id: str, asked: int) -> None:
+        """The Regenerate button: a new answer to the latest question, streamed into the same message."""
+        message = interaction.message
+        session = await self.store.get(session_id)
+        latest = session.answered_turns()[-1] if session is not None and session.answered_turns() else None
+        if message is None or session is None or latest is None or latest[0].discord_message_id != asked:
+            await turn_off(interaction, NotLatestAnswerError.user_message)
+            return
+        if interaction.user.id != latest[0].author_id and not interaction.permissions.manage_messages:
+            await interaction.response.send_message(ONLY_ASKER.format(what="regenerate"), ephemeral=True)
+            return
+        try:
+            ticket = self.admission.admit(interaction.user.id, session.place.key)
+        except BotError as exc:
+            await interaction.response.send_message(exc.user_message, ephemeral=True)
+            return
+        await interaction.response.defer()
+        settings = self.bot.settings.discord
+        reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, rewrite=message)
+        reply.view = buttons(StopButton(asked))
+        with ticket:
+            try:
+                async with self.chat.regenerate(session_id, asked) as turn:
+                    await self.stream(turn, reply, asked)
+                await self.finish(reply, turn, asked)
+            except NotLatestAnswerError as exc:
+                await interaction.followup.send(exc.user_message, ephemeral=True)
+                return
+            except (BotError, discord.HTTPException) as exc:
+                log.info("regenerating in session %s failed: %s", session_id, exc)
+                reply.view = None
+                sentence = exc.user_message if isinstance(exc, BotError) else "Discord refused a message."
+                await self.tell(reply, sentence)
+                return
+        if self.bot.settings.model.temperature == 0:
+            await interaction.followup.send(SAME_ANSWER, ephemeral=True)
+
     async def tell(self, reply: StreamingReply, sentence: str) -> None:
+        reply.view = None  # no Stop on an answer that ended
         try:
             await reply.fail(sentence)
         except discord.HTTPException as exc:

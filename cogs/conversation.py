@@ -12,6 +12,7 @@ from discord.ext import commands
 from bot.admission import AccessPolicy
 from bot.discord_text import no_pings
 from cogs.chat import asker_of, place_of
+from cogs.message_parts import place_names
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
@@ -35,6 +36,7 @@ def help_text(where: str, bot_name: str) -> str:
             "`/newchat [topic]`: a new conversation (in a text channel: in a new thread)",
             "`/reset`: start this place's conversation afresh (the old one stays in `/history`)",
             "`/history [session]`: your conversations here, or one conversation's transcript",
+            "`/persona set|show|clear`: the system prompt of this channel or server (server managers)",
             "`/status`: the model and the queue (server managers)",
             "`/help`: this message",
         ]
@@ -67,7 +69,8 @@ class ConversationCog(commands.Cog):
             await interaction.response.send_message(MAY_NOT_SEND, ephemeral=True)
             return
         old = await self.chat.store.current(place)
-        session = await self.chat.new_session(place, owner_id=interaction.user.id)
+        names = place_names(channel, self.bot.user)
+        session = await self.chat.new_session(place, owner_id=interaction.user.id, names=names)
         log.info("/reset in %s by %s: %s -> %s", place.key, interaction.user.id, old and old.id, session.id)
         text = f"{interaction.user.mention} started this conversation afresh (`{session.id}`)."
         if old is not None and old.turns:

@@ -8,8 +8,18 @@ import discord
 
 from bot.attachments import TextFile, decode, why_not_read
 from bot.config import ChatSettings
+from bot.turn import PlaceNames
 
 log = logging.getLogger(__name__)
+
+
+def place_names(channel: object, me: discord.abc.User | None) -> PlaceNames:
+    """What a new session's system prompt says for {bot}, {server} and {channel} here (a thread: its name)."""
+    guild = getattr(channel, "guild", None)
+    bot = me.display_name if me is not None else PlaceNames.bot
+    if guild is None:
+        return PlaceNames(bot=bot)
+    return PlaceNames(bot=bot, server=guild.name, channel=getattr(channel, "name", None))
 
 
 def replied_message(message: discord.Message) -> discord.Message | None:

@@ -10,11 +10,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.admission import SYSTEM_PROMPT_NEEDS_ROLE, AccessPolicy
+from bot.admission import SYSTEM_PROMPT_NEEDS_ROLE, AccessPolicy, NewChatRateLimitedError, RateWindow
 from bot.discord_text import MESSAGE_LIMIT, no_pings
-from bot.errors import BotError
 from bot.sessions import Place, Session, SessionSummary, is_valid_session_id
+from cogs.answer_buttons import ContinueHereButton, buttons
 from cogs.chat import asker_of, place_of
+from cogs.command_errors import AccessRefused, tell_command_error
+from cogs.message_parts import place_names
+from cogs.visibility import ThreadDirectory, Viewer
 
 if TYPE_CHECKING:
     from bot.client import ChatBot
@@ -22,32 +25,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 10
+AUTOCOMPLETE_LIMIT = 25  # the most choices Discord shows
 THREAD_NAME_LIMIT = 100
 NOT_FOUND = "No session with that ID that you can see. `/history` lists yours."
+NEWCHAT_NEEDS_THREADS = "You can't start a chat here: that needs permission to send messages and create threads."
+NEWCHAT_NEEDS_THREAD_SENDING = "You can't start a chat here: you may not send messages in this thread."
 # First Strong Isolate ... Pop Directional Isolate: direction marks in a user-made title stay inside it.
 ISOLATE, END_ISOLATE = "\u2068", "\u2069"
 
 
-class AccessRefused(app_commands.CheckFailure):
-    """A command refused by the access rules; `sentence` is what the caller is told (ephemerally)."""
-
-    def __init__(self, sentence: str) -> None:
-        super().__init__(sentence)
-        self.sentence = sentence
-
-
-def can_see(interaction: discord.Interaction, place: Place) -> bool:
-    """A channel or thread session is visible to whoever can see that channel; a DM session only to its user."""
-    if place.kind in ("dm", "console"):
-        return place.kind == "dm" and place.user_id == interaction.user.id
-    guild = interaction.guild
-    member = interaction.user
-    if guild is None or place.guild_id != guild.id or not isinstance(member, discord.Member):
-        return False
-    channel = guild.get_channel(place.channel_id) if place.channel_id is not None else None
-    if channel is None:
-        return False
-    return channel.permissions_for(member).view_channel
+def newchat_refusal(channel: object, allowed: discord.Permissions) -> str | None:
+    """Why the caller may not start a chat in this channel, by their own permissions there: /newchat must not
+    open a thread, or speak, with the bot's rights on behalf of someone who has not got them."""
+    if isinstance(channel, discord.Thread) and not allowed.send_messages_in_threads:
+        return NEWCHAT_NEEDS_THREAD_SENDING
+    if isinstance(channel, discord.TextChannel) and not (allowed.send_messages and allowed.create_public_threads):
+        return NEWCHAT_NEEDS_THREADS
+    return None
 
 
 def where(place: Place) -> str:
@@ -122,6 +116,14 @@ class SessionsCog(commands.Cog):
         self.chat = bot.core.chat
         self.store = bot.core.store
         self.access = AccessPolicy(bot.settings.discord)
+        self.threads = ThreadDirectory()
+        self.newchats = RateWindow(bot.settings.chat.newchat_per_minute, NewChatRateLimitedError)
+
+    async def cog_load(self) -> None:
+        self.bot.add_dynamic_items(ContinueHereButton)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(ContinueHereButton)
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         # Commands are answered even where messages are ignored: the sentence is ephemeral, so only the caller
@@ -133,12 +135,26 @@ class SessionsCog(commands.Cog):
             raise AccessRefused(refusal.sentence)
         return True
 
-    def visible_sessions(self, interaction: discord.Interaction) -> list[SessionSummary]:
+    async def visible_sessions(
+        self, interaction: discord.Interaction, needle: str = "", *, limit: int | None = None
+    ) -> list[SessionSummary]:
+        """The caller's sessions here whose ID or title holds `needle`, newest first, at most `limit`."""
         if interaction.guild is None:
             dm = Place(kind="dm", user_id=interaction.user.id)
-            return self.store.list_sessions(place_keys=[dm.key])
-        candidates = self.store.list_sessions(guild_id=interaction.guild.id)
-        return [s for s in candidates if can_see(interaction, s.place)]
+            candidates = self.store.list_sessions(place_keys=[dm.key])
+        else:
+            candidates = self.store.list_sessions(guild_id=interaction.guild.id)
+        matching = [s for s in candidates if needle in s.id.lower() or needle in s.title.lower()]
+        viewer = Viewer(interaction, self.threads)
+        if limit is None:
+            return await viewer.visible(matching)
+        # A page at a time: a private thread's membership costs a request, so stop asking once there are enough.
+        found: list[SessionSummary] = []
+        for start in range(0, len(matching), limit):
+            found += await viewer.visible(matching[start : start + limit])
+            if len(found) >= limit:
+                break
+        return found[:limit]
 
     @app_commands.command(name="newchat")
     @app_commands.describe(
@@ -158,6 +174,11 @@ class SessionsCog(commands.Cog):
             return
         if system_prompt is not None and not self.access.may_set_system_prompt(asker_of(channel, interaction.user)):
             raise AccessRefused(SYSTEM_PROMPT_NEEDS_ROLE)
+        refusal = newchat_refusal(channel, interaction.permissions)
+        if refusal is not None:
+            raise AccessRefused(refusal)
+        # Counted only once the caller may start a chat here: what the other checks refuse costs nothing.
+        self.newchats.take(interaction.user.id)
         title = topic or f"Chat with {interaction.user.display_name}"
         if isinstance(channel, discord.TextChannel):
             await interaction.response.defer(thinking=True)
@@ -173,10 +194,15 @@ class SessionsCog(commands.Cog):
         if place is None:
             await interaction.response.send_message("I can't start a chat in this kind of channel.", ephemeral=True)
             return
+        names = place_names(thread or channel, self.bot.user)
         session = await self.chat.new_session(
-            place, owner_id=interaction.user.id, title=title, system_prompt=system_prompt
+            place, owner_id=interaction.user.id, title=title, system_prompt=system_prompt, names=names
         )
-        text = f"Started a new chat {target}: every message there is a turn, no mention needed. (`{session.id}`)"
+        if isinstance(channel, discord.Thread) and self.bot.user is not None and channel.owner_id != self.bot.user.id:
+            # Someone else's thread stays theirs: there the bot answers only when mentioned (cogs/chat.py).
+            text = f"Started a new chat here: mention me in this thread to talk to me. (`{session.id}`)"
+        else:
+            text = f"Started a new chat {target}: every message there is a turn, no mention needed. (`{session.id}`)"
         if thread is not None:
             # The welcome goes first, so it is the thread's first message whatever the user writes next.
             await thread.send(
@@ -194,7 +220,7 @@ class SessionsCog(commands.Cog):
         if session is not None:
             await self.show_transcript(interaction, session.strip())
             return
-        summaries = self.visible_sessions(interaction)
+        summaries = await self.visible_sessions(interaction)
         if not summaries:
             await interaction.response.send_message(
                 "No chat sessions here yet. Mention me or use `/newchat` to start one.", ephemeral=True
@@ -211,18 +237,43 @@ class SessionsCog(commands.Cog):
     async def show_transcript(self, interaction: discord.Interaction, session_id: str) -> None:
         found = await self.store.get(session_id) if is_valid_session_id(session_id) else None
         # Unknown and invisible answer alike, so an ID cannot be probed.
-        if found is None or not can_see(interaction, found.place):
+        if found is None or not await Viewer(interaction, self.threads).can_see(found):
             await interaction.response.send_message(NOT_FOUND, ephemeral=True)
             return
         text = transcript(found)
+        view = buttons(ContinueHereButton(found.id))
         if len(text) <= MESSAGE_LIMIT:
-            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=no_pings())
+            await interaction.response.send_message(text, ephemeral=True, allowed_mentions=no_pings(), view=view)
             return
         file = discord.File(io.BytesIO(text.encode()), filename=f"session-{found.id}.md")
         await interaction.response.send_message(
             f"**{discord.utils.escape_markdown(found.title)}**: {found.turns} turns, transcript attached.",
             file=file,
             ephemeral=True,
+            allowed_mentions=no_pings(),
+            view=view,
+        )
+
+    async def continue_here(self, interaction: discord.Interaction, session_id: str) -> None:
+        """The transcript's Continue here button: that session becomes this place's current conversation (a copy
+        of it, when it lives elsewhere), for a caller who may still see it and may write here."""
+        found = await self.store.get(session_id)
+        channel = interaction.channel
+        place = place_of(channel, interaction.user) if channel is not None else None  # type: ignore[arg-type]
+        if found is None or not await Viewer(interaction, self.threads).can_see(found):
+            await interaction.response.send_message(NOT_FOUND, ephemeral=True)
+            return
+        in_thread = isinstance(channel, discord.Thread)
+        may_write = interaction.guild is None or (
+            interaction.permissions.send_messages_in_threads if in_thread else interaction.permissions.send_messages
+        )
+        if place is None or not may_write:
+            await interaction.response.send_message("You can't continue a conversation here.", ephemeral=True)
+            return
+        current = await self.chat.continue_here(place, found, owner_id=interaction.user.id)
+        title = discord.utils.escape_markdown(found.title)
+        await interaction.response.send_message(
+            f"{interaction.user.mention} continued **{title}** here ({found.turns} turns, `{current.id}`).",
             allowed_mentions=no_pings(),
         )
 
@@ -233,33 +284,16 @@ class SessionsCog(commands.Cog):
         # Autocomplete skips interaction_check: without this, a refused user could list session titles.
         if self.access.check(asker_of(interaction.channel, interaction.user)) is not None:
             return []
-        needle = current.strip().lower()
         choices = []
-        for summary in self.visible_sessions(interaction):
-            if needle in summary.id.lower() or needle in summary.title.lower():
-                name = f"{summary.title[:70]} · {summary.turns} turns · {summary.id}"
-                choices.append(app_commands.Choice(name=name[:100], value=summary.id))
-            if len(choices) == 25:
-                break
+        for summary in await self.visible_sessions(interaction, current.strip().lower(), limit=AUTOCOMPLETE_LIMIT):
+            name = f"{summary.title[:70]} · {summary.turns} turns · {summary.id}"
+            choices.append(app_commands.Choice(name=name[:100], value=summary.id))
         return choices
 
     async def cog_app_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
     ) -> None:
-        original = getattr(error, "original", error)
-        if isinstance(original, AccessRefused):
-            sentence = original.sentence
-        elif isinstance(original, BotError):
-            sentence = original.user_message
-        else:
-            sentence = "That didn't work; please try again."
-        if not isinstance(original, BotError | discord.HTTPException | AccessRefused):
-            log.warning("app command %s failed", interaction.command and interaction.command.name, exc_info=original)
-        send = interaction.followup.send if interaction.response.is_done() else interaction.response.send_message
-        try:
-            await send(sentence, ephemeral=True)
-        except discord.HTTPException as exc:
-            log.warning("could not report an app command error: %s", exc)
+        await tell_command_error(interaction, error)
 
 
 async def setup(bot: ChatBot) -> None:

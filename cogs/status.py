@@ -53,7 +53,7 @@ def render_status(f: StatusFigures) -> str:
             f"Queue: {f.waiting} waiting · {f.running} running",
             f"Speed: {f.tokens_per_second:.1f} tokens/s over the last minute ({f.tokens_generated} tokens, "
             f"{f.requests} requests since start)",
-            f"Sessions stored: {f.sessions_stored}",
+            f"Sessions stored: {f.sessions_stored} · Personas: {f.personas}",
             f"Uptime: {uptime} · Version: {f.version}",
         ]
     )

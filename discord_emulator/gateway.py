@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .model import Guild
+from .model import Channel, Guild
+from .permissions import VIEW_CHANNEL
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ INTENT_GUILD_MESSAGES = 1 << 9
 INTENT_DIRECT_MESSAGES = 1 << 12
 INTENT_MESSAGE_CONTENT = 1 << 15
 CONTENT_KEYS = ("content", "embeds", "attachments", "components")
+# Discord's acks cross a network. discord.py's keep-alive thread notes a heartbeat's send time only after the send
+# returns, so an ack handled before that (an instant one from this process) is timed from the previous heartbeat:
+# "websocket is 41.2s behind". A real network's delay, and the warning goes.
+HEARTBEAT_ACK_DELAY_S = 0.05
 
 
 class Connection:
@@ -73,6 +78,11 @@ class GatewaySession:
 
 def guild_create_payload(store: Store, guild: Guild) -> dict[str, Any]:
     channels = [store.channels[c] for c in guild.channel_ids]
+
+    def visible(thread: Channel) -> bool:
+        # A private thread only if the bot is a member or may manage threads.
+        return bool(store.permissions(thread, store.bot.id) & VIEW_CHANNEL)
+
     return {
         "id": str(guild.id),
         "name": guild.name,
@@ -85,7 +95,7 @@ def guild_create_payload(store: Store, guild: Guild) -> dict[str, Any]:
         "roles": [r.payload() for r in guild.roles.values()],
         "members": [m.payload() for m in guild.members.values()],
         "channels": [c.payload() for c in channels if not c.is_thread],
-        "threads": [c.payload() for c in channels if c.is_thread and not c.archived],
+        "threads": [c.payload() for c in channels if c.is_thread and not c.archived and visible(c)],
         "features": [],
         "emojis": [],
         "stickers": [],
@@ -116,12 +126,16 @@ class Gateway:
         url: Callable[[], str],
         on_change: Callable[[], None],
         heartbeat_interval_ms: int = 41250,
+        message_content_intent: bool = True,
     ) -> None:
+        """`message_content_intent`: the Developer Portal's switch; when off, an IDENTIFY that asks for the intent
+        is closed with 4014, as Discord closes it."""
         self._store = store
         self._token = token
         self._url = url
         self._on_change = on_change
         self._heartbeat_interval_ms = heartbeat_interval_ms
+        self._message_content_intent = message_content_intent
         self.sessions: dict[str, GatewaySession] = {}
         self.active: dict[int, GatewaySession] = {}
         self.identify_count = 0
@@ -184,6 +198,7 @@ class Gateway:
                 payload = json.loads(msg.data)
                 op, data = payload.get("op"), payload.get("d")
                 if op == HEARTBEAT:
+                    await asyncio.sleep(HEARTBEAT_ACK_DELAY_S)
                     await conn.send(json.dumps({"op": HEARTBEAT_ACK, "d": None, "s": None, "t": None}))
                 elif op == IDENTIFY:
                     session = await self._identify(conn, data)
@@ -201,6 +216,9 @@ class Gateway:
     async def _identify(self, conn: Connection, data: dict[str, Any]) -> GatewaySession | None:
         if data.get("token") != self._token:
             await conn.ws.close(code=4004, message=b"Authentication failed.")
+            return None
+        if int(data.get("intents", 0)) & INTENT_MESSAGE_CONTENT and not self._message_content_intent:
+            await conn.ws.close(code=4014, message=b"Disallowed intent(s).")
             return None
         shard_id, shard_count = data.get("shard") or [0, 1]
         if not 0 <= shard_id < shard_count:

@@ -165,6 +165,10 @@ class Channel:
     recipient: User | None = None
     last_message_id: int | None = None
     message_count: int = 0
+    # A thread's members (user ID -> when they joined): who sees a private thread, and whom
+    # GET /channels/{id}/thread-members/{user} knows.
+    thread_members: dict[int, str] = field(default_factory=dict)
+    invitable: bool = True
 
     @property
     def is_thread(self) -> bool:
@@ -173,6 +177,9 @@ class Channel:
     @property
     def mention(self) -> str:
         return f"<#{self.id}>"
+
+    def thread_member_payload(self, user_id: int) -> dict[str, Any]:
+        return {"id": str(self.id), "user_id": str(user_id), "join_timestamp": self.thread_members[user_id], "flags": 0}
 
     def payload(self) -> dict[str, Any]:
         last = str(self.last_message_id) if self.last_message_id else None
@@ -196,7 +203,7 @@ class Channel:
                 owner_id=str(self.owner_id),
                 message_count=self.message_count,
                 total_message_sent=self.message_count,
-                member_count=1,
+                member_count=min(len(self.thread_members), 50),  # Discord stops counting at 50
                 thread_metadata={
                     "archived": self.archived,
                     "locked": self.locked,
@@ -205,6 +212,8 @@ class Channel:
                     "create_timestamp": self.created_at,
                 },
             )
+            if self.type == PRIVATE_THREAD:
+                data["thread_metadata"]["invitable"] = self.invitable
         else:
             data.update(
                 position=self.position,

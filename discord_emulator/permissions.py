@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .model import PRIVATE_THREAD
+
 if TYPE_CHECKING:
     from .model import Channel, Guild
 
@@ -55,7 +57,8 @@ def base_permissions(guild: Guild, user_id: int) -> int:
 
 
 def channel_permissions(guild: Guild, user_id: int, channel: Channel, parent: Channel | None) -> int:
-    """Permissions in a channel; a thread uses its parent's overwrites."""
+    """Permissions in a channel; a thread uses its parent's overwrites, and a private thread is seen only by its
+    members and by those who may manage the parent's threads."""
     perms = base_permissions(guild, user_id)
     if perms & ADMINISTRATOR:
         return ALL
@@ -76,5 +79,7 @@ def channel_permissions(guild: Guild, user_id: int, channel: Channel, parent: Ch
     if own:
         perms = (perms & ~own.deny) | own.allow
     if not perms & VIEW_CHANNEL:
+        return 0
+    if channel.type == PRIVATE_THREAD and user_id not in channel.thread_members and not perms & MANAGE_THREADS:
         return 0
     return perms

@@ -50,6 +50,8 @@ class RestApi:
             web.delete(p + "/channels/{cid}/messages/{mid}/reactions/{emoji}/@me", self.react),
             web.post(p + "/channels/{cid}/messages/{mid}/threads", self.thread_from_message),
             web.post(p + "/channels/{cid}/threads", self.thread_in_channel),
+            web.get(p + "/channels/{cid}/thread-members", self.list_thread_members),
+            web.get(p + "/channels/{cid}/thread-members/{user_id:\\d+}", self.get_thread_member),
             web.get("/attachments/{aid}/{filename}", self.get_attachment),
         ]
 
@@ -240,8 +242,20 @@ class RestApi:
         store.require(parent, perms.CREATE_PUBLIC_THREADS if kind == PUBLIC_THREAD else perms.CREATE_PRIVATE_THREADS)
         thread = store.add_thread(parent, body["name"], owner=store.bot, thread_type=kind,
                                   auto_archive_duration=int(body.get("auto_archive_duration") or 1440))  # fmt: skip
+        thread.invitable = bool(body.get("invitable", True))
         await self._channel_event("THREAD_CREATE", thread, newly_created=True)
         return json_response(thread.payload())
+
+    async def get_thread_member(self, request: web.Request) -> web.Response:
+        """404 10007 "Unknown Member" for someone who is not in the thread, as Discord answers."""
+        thread = self._visible_channel(request)
+        return json_response(self._store.thread_member(thread, int(request.match_info["user_id"])))
+
+    async def list_thread_members(self, request: web.Request) -> web.Response:
+        thread = self._visible_channel(request)
+        if not thread.is_thread:
+            raise ApiError(400, 50024, "Cannot execute action on this channel type")
+        return json_response([thread.thread_member_payload(user_id) for user_id in thread.thread_members])
 
     async def _channel_event(self, event: str, channel: Channel, **extra: Any) -> None:
         data = {**channel.payload(), **extra}

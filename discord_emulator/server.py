@@ -25,11 +25,12 @@ from .interactions import (
     find_component,
     interaction_payload,
 )
-from .model import Channel, Guild, Member, Role, User
+from .model import PRIVATE_THREAD, PUBLIC_THREAD, Channel, Guild, Member, Role, User
 from .recording import FailureRule, RecordedCall
 from .rest import RestApi
 from .rest_interactions import InteractionApi
 from .store import EPHEMERAL, ApiError, Store, snowflake_of
+from .web import DemoPage
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,22 @@ class DiscordEmulator:
         shard_count: int = 1,
         strict: bool = True,
         port: int = 0,
+        message_content_intent: bool = True,
+        heartbeat_interval_ms: int = 41250,
     ) -> None:
         self.token = token
         self.shard_count = shard_count
         self.strict = strict
         self.port = port
         self.store = Store(bot_name=bot_name, base_url="")
-        self.gateway = Gateway(self.store, token=token, url=lambda: self.gateway_url, on_change=self._notify)
+        self.gateway = Gateway(
+            self.store,
+            token=token,
+            url=lambda: self.gateway_url,
+            on_change=self._notify,
+            message_content_intent=message_content_intent,
+            heartbeat_interval_ms=heartbeat_interval_ms,
+        )
         self._rest = RestApi(self.store, self.gateway, shard_count=shard_count, gateway_url=lambda: self.gateway_url)
         self._interactions = InteractionApi(self.store, self.gateway, self._rest)
         self._calls: list[RecordedCall] = []
@@ -66,11 +76,13 @@ class DiscordEmulator:
         self.unknown_routes: list[str] = []
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self.page = DemoPage(self)  # the web page at / and its API under /_demo/ (web.py)
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
-        app.add_routes([web.get("/gateway", self.gateway.handle), *self._rest.routes(), *self._interactions.routes()])
+        app.add_routes([web.get("/gateway", self.gateway.handle), *self._rest.routes(), *self._interactions.routes(),
+                        *self.page.routes()])  # fmt: skip
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
@@ -86,6 +98,7 @@ class DiscordEmulator:
             return
         self.gateway.release_connections()
         await self.gateway.close_all(code=1001)
+        await self.page.close()
         await self._runner.cleanup()
         self._runner = None
 
@@ -169,6 +182,10 @@ class DiscordEmulator:
                     return error_response(429, 0, "You are being rate limited.", **extra)
                 return json_response(rule.body or {"message": "injected failure", "code": 0}, rule.status)
         return None
+
+    async def next_change(self) -> None:
+        """Returns at the emulator's next change: a REST call answered, an event injected, a gateway connection."""
+        await self._changed.wait()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -257,12 +274,20 @@ class DiscordEmulator:
         self._notify()
 
     async def create_thread(
-        self, parent: Channel | int, owner: User, name: str, *, from_message: dict[str, Any] | None = None
+        self,
+        parent: Channel | int,
+        owner: User,
+        name: str,
+        *,
+        from_message: dict[str, Any] | None = None,
+        private: bool = False,
     ) -> Channel:
-        """A user starts a public thread; dispatches THREAD_CREATE (newly_created)."""
+        """A user starts a thread (public, or `private`: seen by its members and moderators); dispatches
+        THREAD_CREATE (newly_created)."""
         target = self.channel(parent)
         thread_id = int(from_message["id"]) if from_message else None
-        thread = self.store.add_thread(target, name, owner=owner, thread_id=thread_id)
+        kind = PRIVATE_THREAD if private else PUBLIC_THREAD
+        thread = self.store.add_thread(target, name, owner=owner, thread_id=thread_id, thread_type=kind)
         await self._channel_event("THREAD_CREATE", thread, newly_created=True)
         if from_message is not None:
             stored = self.store.message(target.id, int(from_message["id"]))

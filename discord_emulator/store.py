@@ -12,6 +12,7 @@ from . import permissions as perms
 from .model import (
     DM,
     GUILD_TEXT,
+    PRIVATE_THREAD,
     PUBLIC_THREAD,
     Channel,
     Guild,
@@ -155,7 +156,22 @@ class Store:
             auto_archive_duration=auto_archive_duration,
         )
         self._register(thread)
+        self.join_thread(thread, owner)
         return thread
+
+    def join_thread(self, thread: Channel, user: User | int) -> None:
+        """`user` becomes a member of `thread` (creating, writing in, or being mentioned in it does this)."""
+        thread.thread_members.setdefault(snowflake_of(user), iso_now())
+
+    def leave_thread(self, thread: Channel, user: User | int) -> None:
+        thread.thread_members.pop(snowflake_of(user), None)
+
+    def thread_member(self, thread: Channel, user_id: int) -> dict[str, Any]:
+        if not thread.is_thread:
+            raise ApiError(400, 50024, "Cannot execute action on this channel type")
+        if user_id not in thread.thread_members:
+            raise unknown("Member", 10007)
+        return thread.thread_member_payload(user_id)
 
     def _register(self, channel: Channel) -> None:
         self.channels[channel.id] = channel
@@ -293,7 +309,23 @@ class Store:
         channel.last_message_id = message_id
         if channel.is_thread:
             channel.message_count += 1
+            self._join_by_message(channel, author, mentioned)
         return message
+
+    def _join_by_message(self, thread: Channel, author: User, mentioned: Sequence[int]) -> None:
+        # As on Discord: writing in a thread joins it, and a mention that pings adds whoever can see the
+        # parent (in a private thread only when the thread lets its members invite, or a moderator mentions).
+        if self.permissions(thread, author.id) & perms.VIEW_CHANNEL:
+            self.join_thread(thread, author)
+        parent = self.channels.get(thread.parent_id) if thread.parent_id else None
+        if parent is None or thread.guild_id is None:
+            return
+        guild = self.guilds[thread.guild_id]
+        may_invite = thread.type != PRIVATE_THREAD or thread.invitable
+        may_invite = may_invite or bool(self.permissions(parent, author.id) & perms.MANAGE_THREADS)
+        for user_id in mentioned if may_invite else ():
+            if user_id in guild.members and self.permissions(parent, user_id) & perms.VIEW_CHANNEL:
+                self.join_thread(thread, user_id)
 
     def edit_message(
         self, message: dict[str, Any], body: dict[str, Any], files: Sequence[UploadedFile] = ()

@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from discord_emulator import running_emulator
 from discord_harness import StartBot, World, bot_starter, build_world
 from model_fixtures import build_tiny_llama, ensure_smollm2
 from openai_server import RunningServer, transformers_server
 from script_model import CODE_SCRIPT, PING_SCRIPT, build_script_llama
+
+from discord_emulator import running_emulator
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from discord_emulator import Channel, DiscordEmulator, Guild, User, fail_on_logged_errors
-
 from bot.client import ChatBot
 from bot.config import Settings, settings_from_mapping
 from bot.core import open_core
 from bot.discord_api import use_api_base
 from bot.metrics import BotMetrics
 from bot.sessions import Place, Session
+from discord_emulator import Channel, DiscordEmulator, Guild, User, fail_on_logged_errors
 
 # Our own loggers too: an ERROR from the bot is a failed test, like one from discord.py.
 WATCHED_LOGGERS = ("discord", "asyncio", "bot", "cogs")
@@ -66,7 +65,7 @@ async def running_chat_bot(emu: DiscordEmulator, settings: Settings) -> AsyncIte
     """Our ChatBot with its core, logged in to the emulator through `[discord] api_base` only."""
     with fail_on_logged_errors(*WATCHED_LOGGERS):
         async with use_api_base(settings.discord.api_base), open_core(settings) as core:
-            metrics = BotMetrics(settings=settings, engine=core.engine, store=core.store)
+            metrics = BotMetrics(settings=settings, engine=core.engine, store=core.store, personas=core.personas)
             async with ChatBot(settings=settings, core=core, metrics=metrics, guild_ready_timeout=0.1) as bot:
                 runner = asyncio.create_task(bot.start(emu.token), name="chat-bot")
                 ready = asyncio.create_task(bot.wait_until_ready())

@@ -13,10 +13,15 @@ from aiohttp import web
 
 @dataclass(frozen=True)
 class Reply:
-    """A normal streamed answer, in these pieces."""
+    """A streamed answer in these pieces, after `reasoning` pieces sent in the delta's `reasoning_field` (as vLLM's
+    reasoning parsers and DeepSeek's API send them; chat only). `finish` is the last chunk's finish_reason, then
+    `[DONE]`; with None the response just ends after the pieces, neither said."""
 
     pieces: tuple[str, ...] = ("Hello", " there", "!")
     delay: float = 0.0
+    reasoning: tuple[str, ...] = ()
+    reasoning_field: str = "reasoning_content"
+    finish: str | None = "stop"
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,15 @@ class FakeOpenAIServer:
         await response.prepare(request)
         try:
             if isinstance(action, Reply):
+                for piece in action.reasoning:
+                    await response.write(_event("", chat, reasoning={action.reasoning_field: piece}))
+                    await asyncio.sleep(action.delay)
                 for piece in action.pieces:
                     await response.write(_event(piece, chat))
                     await asyncio.sleep(action.delay)
-                await response.write(_event("", chat, finish="stop"))
-                await response.write(b"data: [DONE]\n\n")
+                if action.finish is not None:
+                    await response.write(_event("", chat, finish=action.finish))
+                    await response.write(b"data: [DONE]\n\n")
                 return response
             if isinstance(action, DieAfter):
                 for piece in action.pieces:
@@ -128,10 +137,10 @@ class FakeOpenAIServer:
             return response
 
 
-def _event(text: str, chat: bool, finish: str | None = None) -> bytes:
+def _event(text: str, chat: bool, finish: str | None = None, reasoning: dict[str, str] | None = None) -> bytes:
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
     if chat:
-        choice["delta"] = {"content": text}
+        choice["delta"] = reasoning or {"content": text}
     else:
         choice["text"] = text
     return f"data: {json.dumps({'choices': [choice]})}\n\n".encode()

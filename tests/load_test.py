@@ -28,11 +28,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from discord_emulator import Channel, DiscordEmulator, running_emulator
 from discord_harness import bot_settings, running_chat_bot
 
 from bot.client import ChatBot
 from bot.sessions import Place
+from discord_emulator import Channel, DiscordEmulator, running_emulator
 
 log = logging.getLogger("load_test")
 

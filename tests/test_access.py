@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from discord_emulator import Channel, DiscordEmulator, Guild, InteractionHandle, Role, User, running_emulator
 from discord_harness import bot_settings, running_chat_bot
 
 from bot.admission import (
@@ -28,6 +27,10 @@ from bot.admission import (
 from bot.client import ChatBot
 from bot.config import DiscordSettings
 from bot.sessions import Place, Session
+from cogs.sessions import NEWCHAT_NEEDS_THREAD_SENDING, NEWCHAT_NEEDS_THREADS
+from discord_emulator import Channel, DiscordEmulator, Guild, InteractionHandle, Role, User, running_emulator
+from discord_emulator import permissions as perms
+from discord_emulator.model import Overwrite
 
 
 @dataclass
@@ -87,7 +90,7 @@ async def mention(world: World, channel: Channel, author: User, text: str) -> di
     return await world.emu.send_message(channel, author, f"{world.emu.bot_user.mention} {text}")
 
 
-async def answered(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 30) -> Session:  # noqa: ASYNC109
+async def answered(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 120) -> Session:  # noqa: ASYNC109
     async def poll() -> Session:
         while True:
             session = await bot.core.store.current(place)
@@ -105,7 +108,8 @@ def channel_place(guild: Guild, channel: Channel) -> Place:
 async def command(world: World, channel: Channel, user: User, name: str, **options: str) -> InteractionHandle:
     handle = await world.emu.invoke_command(channel, user, name, options)
     # A deferred answer (/newchat in a channel) is done when its "thinking..." message is replaced.
-    await world.emu.wait_for(lambda: handle.responded and not handle.is_loading(), what=f"/{name}")
+    # A bound for a broken bot only, generous for a busy machine.
+    await world.emu.wait_for(lambda: handle.responded and not handle.is_loading(), timeout=60, what=f"/{name}")
     return handle
 
 
@@ -195,10 +199,10 @@ async def test_allowed_role_ids(world: World, start_bot: StartBot) -> None:
     emu = world.emu
     async with start_bot(allowed_role_ids=[world.chatters.id]) as bot:
         first = await mention(world, world.general, world.bob, "may I?")
-        notice = await emu.wait_for_message(world.general, after=first)
+        notice = await emu.wait_for_message(world.general, after=first, timeout=60)
         await mention(world, world.general, world.bob, "and now?")  # told once: no second notice
         await emu.send_dm(world.carol, "hello in private")
-        dm_notice = await emu.wait_for_message(emu.dm_channel(world.carol))
+        dm_notice = await emu.wait_for_message(emu.dm_channel(world.carol), timeout=60)
         listing = await command(world, world.general, world.bob, "history")
         await mention(world, world.general, world.alice, "I have the role")
         session = await answered(bot, channel_place(world.guild, world.general))
@@ -222,7 +226,7 @@ async def test_blocked_user_ids(world: World, start_bot: StartBot) -> None:
         listing = await command(world, world.general, world.carol, "history")
         peek = await command(world, world.general, world.carol, "history", session=public.id)
         completion = await emu.autocomplete(world.general, world.carol, "history", {"session": ""}, focused="session")
-        await emu.wait_for_response(completion)
+        await emu.wait_for_response(completion, timeout=60)
         await mention(world, world.general, world.alice, "still here?")
         await answered(bot, channel_place(world.guild, world.general), turns=2)
         assert await bot.core.store.current(Place(kind="dm", user_id=world.carol.id)) is None
@@ -274,9 +278,44 @@ async def test_a_thread_of_a_hidden_channel_stays_hidden(world: World, start_bot
         bob_list = await command(world, world.general, world.bob, "history")
         bob_guess = await command(world, world.general, world.bob, "history", session=hidden.id)
         completion = await emu.autocomplete(world.general, world.bob, "history", {"session": "cov"}, focused="session")
-        await emu.wait_for_response(completion)
+        await emu.wait_for_response(completion, timeout=60)
         alice_list = await command(world, world.general, world.alice, "history")
     assert hidden.id not in said(bob_list) and "covert" not in said(bob_list)
     assert "No session with that ID" in said(bob_guess) and "the plan" not in said(bob_guess)
     assert completion.choices == []
     assert hidden.id in said(alice_list)
+
+
+async def test_newchat_needs_the_callers_own_permissions(world: World, start_bot: StartBot) -> None:
+    """Where bob may not write, or not open threads, /newchat does not do it for him with the bot's rights;
+    alice, who may, gets her thread in the same places."""
+    emu = world.emu
+
+    def denied_to_bob(name: str, deny: int) -> Channel:
+        bob_overwrite = Overwrite(world.bob.id, perms.MEMBER_OVERWRITE, deny=deny)
+        return emu.store.add_text_channel(world.guild, name, overwrites=[bob_overwrite])
+
+    read_only = denied_to_bob("read-only", perms.SEND_MESSAGES)
+    no_threads = denied_to_bob("no-threads", perms.CREATE_PUBLIC_THREADS)
+    quiet_threads = denied_to_bob("quiet-threads", perms.SEND_MESSAGES_IN_THREADS)
+    async with start_bot() as bot:
+        refused_read_only = await command(world, read_only, world.bob, "newchat", topic="mine")
+        refused_no_threads = await command(world, no_threads, world.bob, "newchat", topic="mine")
+        assert emu.threads_of(read_only) == [] and emu.threads_of(no_threads) == []
+        await command(world, quiet_threads, world.alice, "newchat", topic="alice's")
+        (thread,) = emu.threads_of(quiet_threads)
+        place = Place(kind="thread", guild_id=world.guild.id, channel_id=quiet_threads.id, thread_id=thread.id)
+        first = await bot.core.store.current(place)
+        refused_in_thread = await command(world, thread, world.bob, "newchat", topic="take over")
+        unchanged = await bot.core.store.current(place)
+        allowed = [
+            await command(world, channel, world.alice, "newchat", topic="ok") for channel in (read_only, no_threads)
+        ]
+    assert refused_read_only.ephemeral and said(refused_read_only) == NEWCHAT_NEEDS_THREADS
+    assert refused_no_threads.ephemeral and said(refused_no_threads) == NEWCHAT_NEEDS_THREADS
+    assert refused_in_thread.ephemeral and said(refused_in_thread) == NEWCHAT_NEEDS_THREAD_SENDING
+    assert first is not None and unchanged is not None and unchanged.id == first.id
+    assert not any(handle.ephemeral for handle in allowed)
+    assert [t.name for t in emu.threads_of(read_only)] == ["ok"] and [t.name for t in emu.threads_of(no_threads)] == [
+        "ok"
+    ]

@@ -1,5 +1,6 @@
-"""Per-user admission (one request in flight per user and session, messages per minute), and answers whose
-thread is archived while they are written: the limits alone, then through the real bot and the Discord emulator."""
+"""Per-user admission (one request in flight per user and session, messages and /newchat per minute), and answers
+whose thread is archived while they are written: the limits alone, then through the real bot and the Discord
+emulator."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from discord_emulator import Channel, User
 from discord_harness import StartBot, World, channel_place, finished_session, mention, thread_place
 from script_model import build_script_llama
 
-from bot.admission import Admission, NoticeGate, RateLimitedError, UserBusyError
+from bot.admission import Admission, NewChatRateLimitedError, NoticeGate, RateLimitedError, RateWindow, UserBusyError
+from discord_emulator import Channel, User
 
 LONG_SCRIPT = "Counting sheep slowly until the night is over."
 
@@ -119,6 +120,22 @@ def test_memory_holds_only_the_users_of_the_last_minute() -> None:
     assert admission.in_flight == 0
 
 
+def test_new_chats_have_their_own_window_and_sentence() -> None:
+    clock = FakeClock()
+    newchats = RateWindow(2, NewChatRateLimitedError, clock=clock)
+    newchats.take(1)
+    clock.now += 5
+    newchats.take(1)
+    with pytest.raises(NewChatRateLimitedError) as refused:
+        newchats.take(1)
+    assert refused.value.user_message == (
+        "You've started 2 new chats in the last minute, the most I open for one person; please try again in 55 seconds."
+    )
+    newchats.take(2)
+    clock.now += 55
+    newchats.take(1)
+
+
 def test_a_refusal_is_told_once_per_interval() -> None:
     clock = FakeClock()
     gate = NoticeGate(3600, clock=clock)
@@ -141,7 +158,9 @@ def long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def new_thread(world: World, user: User, topic: str) -> Channel:
     handle = await world.emu.invoke_command(world.general, user, "newchat", {"topic": topic})
-    await world.emu.wait_for(lambda: handle.original() is not None and not handle.is_loading(), what="/newchat")
+    await world.emu.wait_for(
+        lambda: handle.original() is not None and not handle.is_loading(), timeout=60, what="/newchat"
+    )
     (thread,) = [t for t in world.emu.threads_of(world.general) if t.name == topic]
     return thread
 
@@ -228,3 +247,25 @@ async def test_archiving_the_thread_cancels_its_answer_quietly(
     # No "sorry" note: a post would have unarchived the thread a moderator just closed.
     assert emu.channel(thread).archived
     assert all("sorry" not in m["content"].lower() for m in emu.bot_messages_in(thread))
+
+
+async def test_newchat_in_a_loop_is_held_to_the_limit(world: World, start_bot: StartBot) -> None:
+    """Eight /newchat at once from alice open three threads (`[chat] newchat_per_minute`); the other five are
+    told, only to her, when to try again. Bob has his own budget."""
+    emu = world.emu
+    async with start_bot(chat={"newchat_per_minute": 3}):
+        handles = [
+            await emu.invoke_command(world.general, world.alice, "newchat", {"topic": f"loop {n}"}) for n in range(8)
+        ]
+        await emu.wait_for(
+            lambda: all(h.responded and not h.is_loading() for h in handles), timeout=60, what="eight answers"
+        )
+        bobs = await new_thread(world, world.bob, "bob's own")
+    refused = [h for h in handles if h.ephemeral]
+    assert len(refused) == 5
+    for handle in refused:
+        content = str(handle.response_data.get("content"))
+        assert content.startswith("You've started 3 new chats in the last minute"), content
+    alices = [t for t in emu.threads_of(world.general) if t.name.startswith("loop")]
+    assert len(alices) == 3
+    assert bobs.name == "bob's own"

@@ -10,11 +10,11 @@ import discord
 import discord.http
 import pytest
 from discord.gateway import DiscordWebSocket
-from discord_emulator import fail_on_logged_errors, running_emulator
 
 from bot.__main__ import main
 from bot.config import DISCORD_API_BASE
 from bot.discord_api import ApiBaseUnreachableError, use_api_base
+from discord_emulator import fail_on_logged_errors, running_emulator
 
 
 def discord_py_api() -> tuple[str, str]:
@@ -66,18 +66,34 @@ async def test_no_api_at_the_base_is_one_error_and_changes_nothing() -> None:
     assert discord_py_api() == before
 
 
-def test_python_m_bot_names_the_api_base_key_before_loading_anything(
+def test_python_m_bot_tells_nothing_answered_at_the_api_base_before_loading_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "config.toml"
     config.write_text(
-        f'[discord]\napi_base = "http://127.0.0.1:{closed_port()}/api/v10"\n'
+        f'[discord]\napi_base = "http://127.0.0.1:{closed_port()}/api/v10"\nlogin_attempts = 1\n'
         f'[model]\nname = "{tmp_path / "no-such-model"}"\ndevice_map = "cpu"\n'
         f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
     )
     monkeypatch.setenv("DISCORD_TOKEN", "unused")
-    assert main(["--config", str(config)]) == 2
+    assert main(["--config", str(config)]) == 1  # an outage, which may pass: not a configuration error
     stderr = capsys.readouterr().err
-    assert "[discord.api_base] no Discord API answered GET" in stderr
+    assert "Error: cannot reach Discord, tried once: no Discord API answered GET" in stderr
     assert "Traceback" not in stderr
     assert discord_py_api() == (DISCORD_API_BASE, "wss://gateway.discord.gg/")
+
+
+async def test_an_api_base_that_is_not_discord_names_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_emulator(strict=False) as emu:  # strict would fail the test on the unknown route
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f'[discord]\napi_base = "{emu.url}/not-the-api"\n'
+            f'[model]\nname = "{tmp_path / "no-such-model"}"\ndevice_map = "cpu"\n'
+            f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+        )
+        monkeypatch.setenv("DISCORD_TOKEN", "unused")
+        assert await asyncio.to_thread(main, ["--config", str(config)]) == 2
+    stderr = capsys.readouterr().err
+    assert f"[discord.api_base] no Discord API answered GET {emu.url}/not-the-api/gateway with a gateway URL" in stderr

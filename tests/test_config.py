@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 
-from bot.config import ModelSettings, Settings, load_settings, require_secret
+from bot.config import ModelSettings, Settings, load_settings
 from bot.errors import ConfigError
+from bot.secrets import require_secret
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +105,67 @@ def test_secrets_come_from_the_named_environment_variable(tmp_path: Path, monkey
     assert require_secret(settings, "discord.token_env") == "s3cret-value"
     assert settings.discord_token == "s3cret-value"
     assert "s3cret-value" not in repr(settings)
+
+
+def test_secrets_come_from_the_env_file_beside_the_config_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, "[discord]\ntoken_env = 'MY_BOT_TOKEN'\n")
+    (tmp_path / ".env").write_text("# the bot's secrets\nMY_BOT_TOKEN=from.the.file\nexport HF_TOKEN='hf-from-file'\n")
+    monkeypatch.delenv("MY_BOT_TOKEN", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with caplog.at_level("DEBUG"):
+        settings = load_settings(path)
+    assert require_secret(settings, "discord.token_env") == "from.the.file"
+    assert settings.hf_token == "hf-from-file"
+    assert "MY_BOT_TOKEN" not in os.environ, "the file's values stay out of the environment (and child processes)"
+    monkeypatch.setenv("MY_BOT_TOKEN", "from.the.environment")
+    assert settings.discord_token == "from.the.environment"
+    assert "from.the.file" not in repr(settings) and "from.the.file" not in caplog.text
+
+
+def test_an_unset_secret_names_the_env_file_it_looked_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISCORD_TOKEN", raising=False)
+    settings = load_settings(write(tmp_path, ""))
+    with pytest.raises(ConfigError, match=r"DISCORD_TOKEN is not set, nor in .*\.env"):
+        require_secret(settings, "discord.token_env")
+
+
+TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.GabcDE.abcdefghijklmnopqrstuvwxyz0123456789AB"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("discord", "token_env", TOKEN),
+        ("model", "hf_token_env", "hf_abcdefghijklmnopqrstuvwxyzABCDEFGH"),
+        ("model", "api_key_env", "sk-proj-abcdefghijklmnop"),
+        ("discord", "token_env", "MY TOKEN"),
+    ],
+)
+def test_a_secret_pasted_into_an_env_key_is_refused_without_being_shown(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    path = write(tmp_path, f"[{section}]\n{key} = '{value}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert f"[{section}.{key}] must be the name of an environment variable" in message
+    assert value not in message and value[:12] not in message
+
+
+@pytest.mark.parametrize("name", ["DISCORD_TOKEN", "my_bot_token", "_X1", "HF_TOKEN"])
+def test_variable_names_pass(tmp_path: Path, name: str) -> None:
+    assert load_settings(write(tmp_path, f"[discord]\ntoken_env = '{name}'\n")).discord.token_env == name
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[discord]\nlogin_attempts = 0\n", "discord.login_attempts"),
+        ("[discord]\nlogin_retry_delay = -1\n", "discord.login_retry_delay"),
+    ],
+)
+def test_login_retries_are_checked(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"[{key}]")):
+        load_settings(write(tmp_path, text))

@@ -210,3 +210,131 @@ async def test_help_is_ephemeral_and_says_how_to_talk_here(world: World, start_b
     assert handle.ephemeral
     text = handle.response_data["content"]
     assert "Mention me" in text and "/reset" in text and "/newchat" in text
+
+
+# --- Stop and Regenerate ----------------------------------------------------------------------------------
+
+
+def button_ids(message: dict[str, Any]) -> dict[str, bool]:
+    """custom_id -> disabled, for the buttons on a message as Discord holds it."""
+    return {
+        button["custom_id"]: bool(button.get("disabled"))
+        for row in message.get("components") or []
+        for button in row.get("components", [])
+    }
+
+
+async def test_stop_keeps_the_partial_answer_marked_stopped(
+    world: World, start_bot: StartBot, code_model_dir: Path
+) -> None:
+    emu = world.emu
+    async with start_bot(model_dir=code_model_dir, model={"max_new_tokens": 3000}) as bot:
+        asked = await mention(world, world.general, world.alice, "write forever")
+        stop_id = f"answer:stop:{asked['id']}"
+        reply = await emu.wait_for_message(world.general, after=asked, check=lambda m: stop_id in button_ids(m))
+        refused = await emu.click_button(reply, world.bob, stop_id)
+        await emu.wait_for_response(refused)
+        stopped = await emu.click_button(reply, world.alice, stop_id)
+        await emu.wait_for_response(stopped)
+        session = await finished_session(bot, channel_place(world, world.general))
+        final = await emu.wait_for(
+            lambda: (m := emu.message(world.general, reply["id"]))["content"].endswith("*Stopped by Alice.*") and m,
+            30,
+            "the stopped answer",
+        )
+    assert refused.ephemeral and "Only the person who asked" in refused.response_data["content"]
+    user, answer = session.messages
+    assert (user.status, answer.status) == ("ok", "stopped")
+    assert answer.content and final["content"].startswith(answer.content)
+    assert answer.discord_message_id == int(reply["id"]) == user.answer_message_id
+    # The stopped answer is part of the conversation, and now offers Regenerate instead of Stop.
+    assert session.answered_turns() == [(user, answer)]
+    assert button_ids(final) == {f"answer:regenerate:{session.id}:{asked['id']}": False}
+
+
+async def test_regenerate_rewrites_the_latest_answer_even_after_a_restart(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    async with start_bot() as bot:
+        asked = await mention(world, world.general, world.alice, "tell me something")
+        first = await answered(world, bot, world.general, asked, 1)
+        before = await finished_session(bot, channel_place(world, world.general))
+    regenerate_id = f"answer:regenerate:{before.id}:{asked['id']}"
+    assert button_ids(first) == {regenerate_id: False}
+
+    async with start_bot() as bot:  # a restarted bot still knows the button (its custom id says it all)
+        handle = await emu.click_button(first, world.alice, regenerate_id)
+        await emu.wait_for(lambda: handle.followups(), 60, "the temperature-0 note")
+        after = await finished_session(bot, channel_place(world, world.general))
+        requests = bot.core.engine.stats.requests
+        message = emu.message(world.general, first["id"])
+    assert handle.response_type == 6  # the click is acknowledged; the answer is edited in place
+    assert requests == 1
+    assert len(after.messages) == 2 and after.messages[0] == before.messages[0]
+    # Temperature 0: the same answer again, and the user is told why.
+    assert after.messages[1].content == before.messages[1].content == message["content"]
+    assert "temperature 0" in handle.followups()[0]["content"]
+
+
+async def test_regenerate_on_an_older_answer_turns_itself_off(world: World, start_bot: StartBot) -> None:
+    emu = world.emu
+    async with start_bot(model={"temperature": 1.0}) as bot:
+        asked = await mention(world, world.general, world.alice, "one")
+        first = await answered(world, bot, world.general, asked, 1)
+        later = await mention(world, world.general, world.alice, "two")
+        await answered(world, bot, world.general, later, 2)
+        session = await finished_session(bot, channel_place(world, world.general), turns=2)
+        regenerate_id = f"answer:regenerate:{session.id}:{asked['id']}"
+        handle = await emu.click_button(emu.message(world.general, first["id"]), world.alice, regenerate_id)
+        await emu.wait_for(lambda: handle.followups(), 30, "the sentence")
+        unchanged = await bot.core.store.get(session.id)
+    assert button_ids(emu.message(world.general, first["id"])) == {regenerate_id: True}
+    assert handle.followups()[0]["content"] == "Only the latest answer of a conversation can be regenerated."
+    assert unchanged is not None and unchanged.messages == session.messages
+
+
+async def test_continue_here_makes_a_looked_up_session_this_places_conversation(
+    world: World, start_bot: StartBot
+) -> None:
+    emu = world.emu
+    async with start_bot() as bot:
+        asked = await mention(world, world.general, world.alice, "remember the number 42")
+        await answered(world, bot, world.general, asked, 1)
+        original = await finished_session(bot, channel_place(world, world.general))
+        shown = await emu.invoke_command(world.random, world.alice, "history", {"session": original.id})
+        await emu.wait_for_response(shown)
+        button = f"session:continue:{original.id}"
+        assert button in button_ids(shown.original())
+        clicked = await emu.click_button(shown.original(), world.alice, button)
+        await emu.wait_for_response(clicked)
+        here = await bot.core.store.current(channel_place(world, world.random))
+        asked = await mention(world, world.random, world.alice, "which number?")
+        after = await finished_session(bot, channel_place(world, world.random), turns=2)
+        still = await bot.core.store.get(original.id)
+    assert here is not None and here.id != original.id and here.messages == original.messages
+    assert after.id == here.id and after.exchanges()[0] == original.exchanges()[0]
+    assert still is not None and still.messages == original.messages  # the original stays where it was
+    assert "continued" in clicked.response_data["content"]
+
+
+async def test_a_channels_persona_starts_its_new_sessions_with_variables_filled(
+    world: World, start_bot: StartBot
+) -> None:
+    emu = world.emu
+    managers = emu.add_role(world.guild, "managers", 1 << 5)  # Manage Server
+    carol = emu.add_user("carol")
+    emu.add_member(world.guild, carol, roles=[managers])
+    prompt = "You are {bot}, a pirate in #{channel} of {server}. Keep {braces} as typed."
+    async with start_bot() as bot:
+        handle = await emu.invoke_command(world.general, carol, "persona set", {"prompt": prompt})
+        await emu.wait_for_response(handle)
+        asked = await mention(world, world.general, world.alice, "ahoy")
+        session = await finished_session(bot, channel_place(world, world.general))
+        await emu.wait_for_message(world.general, after=asked, timeout=30)
+        elsewhere = await mention(world, world.random, world.alice, "hello")
+        other = await finished_session(bot, channel_place(world, world.random))
+        await emu.wait_for_message(world.random, after=elsewhere, timeout=30)
+    bot_name = emu.bot_user.global_name or emu.bot_user.username
+    assert session.system_prompt == (
+        f"You are {bot_name}, a pirate in #general of {world.guild.name}. Keep {{braces}} as typed."
+    )
+    assert other.system_prompt == bot.settings.chat.system_prompt  # #random has no persona

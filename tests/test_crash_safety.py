@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from discord_emulator import Channel, DiscordEmulator, User, running_emulator
 from discord_harness import BotProcess, bot_config
 from script_model import build_script_llama, expected_answer
 
 from bot.history import HistoryStore
 from bot.sessions import Session
+from discord_emulator import Channel, DiscordEmulator, User, running_emulator
 
 pytestmark = pytest.mark.crash
 

@@ -10,13 +10,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from discord_emulator import Channel, User
 from discord_harness import BotProcess, StartBot, World, channel_place, finished_session, mention, thread_place
 from script_model import CODE_SCRIPT, expected_answer
 
 from bot.history import HistoryStore
 from bot.reply_stream import STREAMING_MARK
 from bot.sessions import Place
+from discord_emulator import Channel, User
 
 
 def without_fences(text: str) -> str:
@@ -313,7 +313,7 @@ async def test_dms_can_be_turned_off(world: World, start_bot: StartBot) -> None:
 
 async def test_history_pages_through_many_sessions(world: World, start_bot: StartBot) -> None:
     emu = world.emu
-    async with start_bot():
+    async with start_bot(chat={"newchat_per_minute": 0}):  # twelve threads in a row: no per-user limit here
         for number in range(12):
             await new_chat(world, world.general, world.alice, topic=f"topic {number:02d}")
         listing = await emu.invoke_command(world.general, world.alice, "history", {})

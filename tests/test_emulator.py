@@ -11,6 +11,7 @@ import discord
 import pytest
 from discord import app_commands
 from discord.ext import commands
+
 from discord_emulator import (
     EPHEMERAL,
     Channel,

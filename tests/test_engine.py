@@ -19,6 +19,7 @@ from bot.config import ModelSettings
 from bot.engine import ChatMessage, GenerationRequest, LocalEngine, MessagePrompt, SamplingParams, TokenPrompt
 from bot.engine.local.output import RequestStream
 from bot.engine.local.queue import FairQueue
+from bot.engine.local.source import ModelNotFoundError
 from bot.errors import (
     EngineDeadError,
     GenerationFailedError,
@@ -432,9 +433,10 @@ async def test_engine_not_started_raises_engine_dead(tiny_llama_dir: Path) -> No
 
 async def test_start_raises_what_loading_raised(tmp_path: Path) -> None:
     engine = LocalEngine(model_settings(tmp_path / "missing"))
-    with pytest.raises(OSError):
+    with pytest.raises(ModelNotFoundError) as caught:
         await engine.start()
     await engine.close()
+    assert caught.value.key == "model.name" and "there is no folder" in caught.value.problem
 
 
 class OutOfMemory:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from discord_emulator import Channel, DiscordEmulator, Guild, User, running_emulator
 from discord_harness import BotProcess, bot_config, bot_settings, running_chat_bot
 from script_model import build_script_llama, expected_answer
 
@@ -29,6 +28,7 @@ from bot.client import ChatBot
 from bot.errors import StorageError
 from bot.sessions import Place, Session, StoredMessage
 from cogs.chat import RESTARTING
+from discord_emulator import Channel, DiscordEmulator, Guild, User, running_emulator
 
 pytestmark = pytest.mark.faults
 

@@ -9,7 +9,8 @@ import torch
 
 from bot.config import ModelSettings
 from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
-from bot.engine.local.kv_store import MIN_SHARED_TOKENS, SessionKVCache, SlotBatch, common_prefix
+from bot.engine.local.kv_store import SlotBatch, common_prefix
+from bot.engine.local.session_cache import MIN_SHARED_TOKENS, SessionKVCache
 from bot.render import Exchange, Llama2Format
 
 USER_TURNS = (

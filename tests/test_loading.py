@@ -4,6 +4,8 @@ clear start-up errors of a machine without CUDA and of an untested transformers.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +141,30 @@ def test_the_command_line_reports_the_key_without_a_stack_trace(tmp_path: Path) 
     assert done.returncode == 2
     assert f"Configuration error: {config}: [model.quantization]" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_an_unreachable_hub_loads_a_cached_model_from_the_cache_at_once(tmp_path: Path) -> None:
+    """One try at the hub; the model in the cache is then loaded without it (local_files_only), not after a minute
+    of retries."""
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--cached-model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    script = (
+        "from bot.config import settings_from_mapping\n"
+        "from bot.engine.local.source import model_source_kwargs\n"
+        "m = settings_from_mapping({'model': {'name': 'someone/cached-model'}}).model\n"
+        "print(model_source_kwargs(m, hf_token=None))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{closed}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout == "{'local_files_only': True}\n"
+    assert "loading someone/cached-model from the local cache" in done.stderr

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from discord_emulator import running_emulator
 from discord_harness import bot_settings, finished_session, running_chat_bot
 
 from bot.client import ChatBot
 from bot.config import settings_from_mapping
 from bot.errors import ConfigError
 from bot.sessions import Place
+from discord_emulator import running_emulator
 
 
 async def test_each_shard_answers_only_its_own_guild(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -8,8 +8,6 @@ import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from discord_emulator import DiscordEmulator, fail_on_logged_errors, run_bot, running_emulator
-from discord_emulator.permissions import ADMINISTRATOR
 from discord_harness import WATCHED_LOGGERS, bot_settings, finished_session
 
 from bot.client import ChatBot
@@ -18,6 +16,8 @@ from bot.core import build_engine, open_core
 from bot.metrics import BotMetrics
 from bot.sessions import Place
 from cogs.status import ADMINS_ONLY
+from discord_emulator import DiscordEmulator, fail_on_logged_errors, run_bot, running_emulator
+from discord_emulator.permissions import ADMINISTRATOR
 
 MANAGE_GUILD = 1 << 5
 

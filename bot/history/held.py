@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 
 from bot.sessions import Session, StoredMessage, utc_now_iso
@@ -47,14 +48,20 @@ class HeldSession:
         new = checked_messages(messages)
         if self._ended:
             raise RuntimeError("this hold has ended; take the session again to write to it")
-        if self._in_flight is not None and not self._in_flight.done():
-            raise RuntimeError("a commit of this session is already in flight")
+        await self.settle()
         updated = self.session.with_messages(new, updated_at=utc_now_iso(), title=title, replacing=replacing)
         task = self._start_write(updated)
         self._in_flight = task
         # Set from the task, not after the await: a cancelled caller's write still lands, and so does this.
         task.add_done_callback(self._written)
         return await asyncio.shield(task)
+
+    async def settle(self) -> None:
+        """Wait for a write still running (its caller was cancelled; commits are shielded), so that `session`
+        is what the file holds and the next commit builds on it."""
+        if self._in_flight is not None and not self._in_flight.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._in_flight)
 
     def _written(self, task: asyncio.Future[Session]) -> None:
         if not task.cancelled() and task.exception() is None:

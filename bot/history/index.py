@@ -48,6 +48,9 @@ class SessionIndex:
         self.summaries: dict[str, SessionSummary] = {}
         self.stamps: dict[str, FileStamp] = {}
         self.current: dict[str, str] = {}  # place key -> session id
+        # Places whose current session's file turned out broken when the index was checked at start-up: their
+        # next turn starts afresh, and should say so. Memory only.
+        self.lost_places: set[str] = set()
 
     @staticmethod
     def put(summary: SessionSummary, stamp: FileStamp) -> dict[str, Any]:
@@ -218,6 +221,7 @@ class IndexLog:
             known = session_id in index.summaries
             loaded = await self._files.read(session_id)
             if loaded is None:
+                index.lost_places.update(key for key, sid in index.current.items() if sid == session_id)
                 index.forget(session_id)
                 continue
             session, stamp = loaded

@@ -267,7 +267,9 @@ class HistoryStore:
             lock = self._lock_for(self._session_locks, session.id)
             async with self._acquired_on_success(lock):  # never waits: nobody else knows the new id yet
                 await self._shielded(self._write_new(session, make_current=True))
-            return lock, self._held(session, created=True, replaced_broken=session_id is not None)
+            lost = place.key in self._log.index.lost_places
+            self._log.index.lost_places.discard(place.key)
+            return lock, self._held(session, created=True, replaced_broken=session_id is not None or lost)
 
     @staticmethod
     @asynccontextmanager

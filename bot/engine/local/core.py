@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from bot.engine.base import EngineStats
-from bot.engine.local.kv_store import SessionKVCache
+from bot.engine.local.compiled import CompiledDecode
 from bot.engine.local.model_runner import ModelRunner, free_cached_memory
 from bot.engine.local.queue import FairQueue
+from bot.engine.local.session_cache import SessionKVCache
 from bot.errors import EngineDeadError, GenerationFailedError, ModelOutOfMemoryError, QueueFullError
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class EngineCore:
         self._dead: str | None = "engine not started"
         self.sessions = SessionKVCache(settings.kv_cache_budget_mb * 2**20)
         self.loaded: LoadedModel | None = None
+        self._compiled: CompiledDecode | None = None
         self._runner: ModelRunner | None = None
         self._served = EngineStats()  # the counts of a runner that has stopped
 
@@ -108,9 +110,14 @@ class EngineCore:
     # --- the worker thread ---------------------------------------------------------------------------------
 
     def load(self) -> LoadedModel:
-        """Load the model; requests are taken from here on. Raises what loading raised."""
+        """Load the model (and compile its decode step, if asked); requests are taken from here on. Raises what
+        loading raised."""
         try:
             loaded = self._load()
+            if self._settings.compile == "decode":
+                self._compiled = CompiledDecode(loaded.model)
+                with torch.inference_mode():
+                    self._compiled.warm_up()
         except BaseException as exc:
             with self._cond:
                 self._dead = f"model failed to load: {exc!r}"
@@ -145,7 +152,9 @@ class EngineCore:
     def _serve(self) -> None:
         assert self.loaded is not None
         m = self.loaded
-        runner = ModelRunner(m.model, m.tokenizer, eos_ids=m.eos_ids, pad_id=m.pad_id, sessions=self.sessions)
+        runner = ModelRunner(
+            m.model, m.tokenizer, eos_ids=m.eos_ids, pad_id=m.pad_id, sessions=self.sessions, compiled=self._compiled
+        )
         self._runner = runner
         # One inference mode around the whole loop: the caches it makes are reshaped between steps too.
         with torch.inference_mode():

@@ -1,10 +1,15 @@
-"""KV caches: the running batch's (rows with masked slots) and the recent sessions' (LRU within a memory budget).
+"""KV caches: the running batch's, rows with masked slots in preallocated buffers (session_cache.py keeps the recent
+sessions' caches between turns).
 
 A cache is a list of (keys, values) per layer, each shaped [batch, kv_heads, slots, head_dim], as transformers'
 DynamicCache holds them. Batch caches let rows have holes: a slot whose mask is 0 holds no token of that row (left
 padding, the gap between a reused prefix and the new tokens of a shorter prompt, slots written before a longer row
 joined). Positions are passed to the model explicitly, so a hole costs memory and attention work but never changes
 a row's result. A prefill runs in a SlotBatch of the joining rows, which becomes or joins the running batch.
+
+A compiled decode step (compiled.py) sees the batch through `SlotBatch.step_cache`: layers whose keys and values
+are set, before the call, to views of the buffers ending in the step's new slot, so that the traced graph holds
+no Python-side positions to specialize on: only tensors, whose sizes may change from step to step.
 
 This is the one module that reaches into transformers' cache internals (`transformers.cache_utils`: a DynamicLayer
 subclass writing into our buffers, a Cache built from such layers). Those are not a public API, so pyproject.toml
@@ -15,9 +20,7 @@ pins transformers to the minor version this was tested with, and LocalEngine ref
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,6 +97,41 @@ class _SlotLayer(DynamicLayer):
         return self.get_seq_length() + query_length, 0
 
 
+class _StepLayer(CacheLayerMixin):
+    """One layer of a SlotBatch for a compiled decode step: `keys` and `values` are views of the batch's buffers
+    over the step's rows and slots, the last slot the new token's (SlotBatch.step_cache sets them). The new keys and
+    values are written into that slot in place; decode only, one token per row."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None  # set by step_cache before every call
+        last = self.keys.shape[-2] - 1
+        self.keys.narrow(-2, last, 1).copy_(key_states)
+        self.values.narrow(-2, last, 1).copy_(value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        assert self.keys is not None
+        return self.keys.shape[-2] - 1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
 class SlotBatch:
     """The running batch's cache in preallocated buffers, so a decode step writes one slot instead of copying.
 
@@ -129,11 +167,26 @@ class SlotBatch:
         self.end = 0
         self.lo = self.hi = 0  # the rows a forward call through `cache` runs (step_mask, select)
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(self._layers)])
+        self._step_layers = [_StepLayer() for _ in range(self._layers)]
+        self._step_cache = Cache(layers=list(self._step_layers))
 
     def select(self, lo: int, hi: int) -> Cache:
         """The cache as the rows [lo, hi) see it, for a forward call over only those rows (an out-of-memory split)."""
         self.lo, self.hi = lo, hi
         return self.cache
+
+    def step_cache(self, lo: int, hi: int) -> Cache:
+        """The cache of a decode step over rows [lo, hi) for a compiled forward call (after step_mask): each layer's
+        views end in the slot the step writes. They stay set until the next call, or until a compaction replaces the
+        buffers they look at."""
+        span = slice(self.start, self.end + 1)
+        for layer, keys, values in zip(self._step_layers, self.keys, self.values, strict=True):
+            layer.keys, layer.values = keys[lo:hi, :, span], values[lo:hi, :, span]
+        return self._step_cache
+
+    def step_views(self) -> list[torch.Tensor]:
+        """The keys and values views that step_cache set last, layer by layer."""
+        return [t for layer in self._step_layers for t in (layer.keys, layer.values) if t is not None]
 
     def step_mask(self) -> torch.Tensor:
         """Make room for one more slot in every row, marked used; the running rows' mask including it.
@@ -234,118 +287,6 @@ class SlotBatch:
             mask[row, width - length : width] = 1
         # Swapped in only once all is allocated: running out of memory above leaves the batch as it was.
         self.keys, self.values, self.mask = keys, values, mask
+        for layer in self._step_layers:  # they would keep the old buffers alive
+            layer.keys = layer.values = None
         self.start, self.end = 0, width
-
-
-@dataclass
-class _Entry:
-    tokens: tuple[int, ...]
-    layers: Layers
-    nbytes: int
-
-
-# A shared prefix is used only when it covers at least this many tokens: below it a lookup saves next to nothing.
-MIN_SHARED_TOKENS = 16
-# Recent prompts kept as shared prefixes (their common heads, such as a system prompt, are prefilled once).
-MAX_SHARED_PREFIXES = 8
-_SHARED = "\0shared:"  # key prefix of shared entries; no session id starts with a NUL
-
-
-class SessionKVCache:
-    """The KV caches of recent sessions, and of a few recent prompts shared by all requests (vLLM's prefix caching
-    in small), within one memory budget, least recently used evicted first.
-
-    Used by the worker thread only. A session's entry leaves the store while its next turn runs (that turn owns
-    the cache and hands back the longer one when it ends), so one cache is never shared by two requests; a shared
-    entry is only read (a prefill copies what it reuses), never written.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._shared: list[str] = []  # keys of shared entries, oldest first
-        self._nbytes = 0
-        self._next_shared = 0
-
-    def __len__(self) -> int:
-        """Sessions stored (shared prefixes not counted)."""
-        return len(self._entries) - len(self._shared)
-
-    @property
-    def nbytes(self) -> int:
-        return self._nbytes
-
-    def reusable(self, session_id: str | None, prompt: Sequence[int]) -> int:
-        """How many leading tokens of `prompt` a cache holds (always leaving one to feed)."""
-        return max(self.owned(session_id, prompt), self._best_shared(prompt)[0])
-
-    def owned(self, session_id: str | None, prompt: Sequence[int]) -> int:
-        """How many leading tokens of `prompt` the session's own cache holds (always leaving one to feed)."""
-        entry = self._entries.get(session_id) if session_id is not None else None
-        if entry is None:
-            return 0
-        return min(common_prefix(entry.tokens, prompt), len(prompt) - 1)
-
-    def take(self, session_id: str | None, prompt: Sequence[int]) -> Layers | None:
-        """Remove the session's cache; return the longest cached part that `prompt` extends (None if none)."""
-        own = self.owned(session_id, prompt)
-        shared, key = self._best_shared(prompt)
-        entry = self._pop(session_id)
-        if key is not None and shared > own:
-            entry, n = self._entries[key], shared
-            self._entries.move_to_end(key)
-        elif entry is not None and own > 0:
-            n = own
-        else:
-            if entry is not None:
-                log.debug("session %s: prompt does not extend its cached %d tokens", session_id, len(entry.tokens))
-            return None
-        # Tokens past the common prefix are a different continuation (the last generated token was never fed,
-        # a re-encoded answer may split differently, trimmed history starts elsewhere): crop them.
-        return [(k[..., :n, :], v[..., :n, :]) for k, v in entry.layers]
-
-    def put(self, session_id: str, tokens: Sequence[int], layers: Layers) -> None:
-        self._pop(session_id)
-        self._store(session_id, tokens, layers)
-
-    def share(self, tokens: Sequence[int], layers: Layers) -> None:
-        """Keep a prompt's cache for any request that starts the same way, unless one already covers it."""
-        if len(tokens) < MIN_SHARED_TOKENS or self._best_shared(tokens, leave=0)[0] >= len(tokens):
-            return
-        key = f"{_SHARED}{self._next_shared}"
-        self._next_shared += 1
-        if self._store(key, tokens, layers):
-            self._shared.append(key)
-            while len(self._shared) > MAX_SHARED_PREFIXES:
-                self._pop(self._shared[0])
-
-    def _best_shared(self, prompt: Sequence[int], leave: int = 1) -> tuple[int, str | None]:
-        best, best_key = 0, None
-        for key in self._shared:
-            n = min(common_prefix(self._entries[key].tokens, prompt), len(prompt) - leave)
-            if n > best:
-                best, best_key = n, key
-        return (best, best_key) if best >= MIN_SHARED_TOKENS else (0, None)
-
-    def _store(self, key: str, tokens: Sequence[int], layers: Layers) -> bool:
-        nbytes = layers_nbytes(layers)
-        if nbytes > self.budget_bytes:
-            return False
-        self._entries[key] = _Entry(tuple(tokens), layers, nbytes)
-        self._nbytes += nbytes
-        while self._nbytes > self.budget_bytes:
-            evicted = next(iter(self._entries))
-            entry = self._pop(evicted)
-            assert entry is not None
-            log.debug("%r: KV cache of %d tokens evicted", evicted, len(entry.tokens))
-        return True
-
-    def _pop(self, key: str | None) -> _Entry | None:
-        if key is None:
-            return None
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._nbytes -= entry.nbytes
-            if key.startswith(_SHARED):
-                self._shared.remove(key)
-        return entry

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from bot.engine.local.source import model_source_kwargs
 from bot.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -76,6 +77,8 @@ def load_model(
         common: dict[str, object] = {"token": hf_token}
         if s.gguf_file:
             common["gguf_file"] = s.gguf_file
+        # A wrong name or an unreachable hub is one sentence here, not a misleading error from transformers.
+        common.update(model_source_kwargs(s, hf_token=hf_token))
         tokenizer = AutoTokenizer.from_pretrained(s.name, **common)
         model = AutoModelForCausalLM.from_pretrained(s.name, **model_load_kwargs(s), **common)
     model.eval()

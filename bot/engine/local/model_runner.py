@@ -32,21 +32,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from bot.engine.base import EngineStats
-from bot.engine.local.kv_store import (
-    MIN_SHARED_TOKENS,
-    Layers,
-    SessionKVCache,
-    SlotBatch,
-    cache_layers,
-    common_prefix,
-    make_cache,
-)
+from bot.engine.local.kv_store import Layers, SlotBatch, cache_layers, common_prefix, make_cache
 from bot.engine.local.output import Outbox, RequestStream, Row
 from bot.engine.local.sampling import pick_tokens
+from bot.engine.local.session_cache import MIN_SHARED_TOKENS, SessionKVCache
 from bot.errors import ModelOutOfMemoryError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from bot.engine.local.compiled import CompiledDecode
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +68,11 @@ class ModelRunner:
         eos_ids: frozenset[int],
         pad_id: int,
         sessions: SessionKVCache,
+        compiled: CompiledDecode | None = None,
     ) -> None:
+        """`compiled`: the decode step compiled (compiled.py), tried before the eager one."""
         self._model = model
+        self._compiled = compiled
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._pad_id = pad_id
@@ -253,7 +251,12 @@ class ModelRunner:
     ) -> list[tuple[int, torch.Tensor]]:
         """Logits of rows [lo, hi) as (first row, logits) pieces in row order; a row out of memory alone is left out."""
         try:
-            return [(lo, self._forward(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch.select(lo, hi)))]
+            logits = None
+            if self._compiled is not None:
+                logits = self._compiled(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch, lo, hi)
+            if logits is None:
+                logits = self._forward(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch.select(lo, hi))
+            return [(lo, logits)]
         except torch.OutOfMemoryError:
             pass  # retried below, once the exception and the tensors its traceback holds are gone
         free_cached_memory()

@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from bot.engine.base import MessagePrompt, TokenPrompt
+from bot.engine.remote.reasoning import without_shown_reasoning
 from bot.engine.remote.text_prompt import prompt_text, tokenizer_adds_bos
 from bot.engine.remote.wire import (
+    Delta,
     StreamError,
     completion_deltas,
     context_overflow,
@@ -109,8 +111,8 @@ class ServerClient:
             log.warning("model server %s: no usable /v1/models (%r)", replica.url, exc)
         return None
 
-    async def stream(self, replica: Replica, request: GenerationRequest) -> AsyncGenerator[str, None]:
-        """The answer's text deltas from `replica`. Raises Retryable for what another try may cure, and
+    async def stream(self, replica: Replica, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """The answer's deltas from `replica`, reasoning included. Raises Retryable for what another try may cure, and
         ServerRefusedError or PromptTooLongError for what it cannot."""
         replica.in_flight += 1
         replica.sent += 1
@@ -185,10 +187,12 @@ class ServerClient:
         prompt = request.prompt
         fields: dict[str, Any]
         if isinstance(prompt, MessagePrompt):
-            path, fields = (
-                "chat/completions",
-                {"messages": [{"role": m.role, "content": m.content} for m in prompt.messages]},
-            )
+            # Reasoning shown in Discord is part of the stored answer; the model gets its answers without it.
+            messages = [
+                {"role": m.role, "content": without_shown_reasoning(m.content) if m.role == "assistant" else m.content}
+                for m in prompt.messages
+            ]
+            path, fields = "chat/completions", {"messages": messages}
         elif as_text:
             assert self._tokenizer is not None
             text = await asyncio.to_thread(prompt_text, self._tokenizer, prompt.ids, self._adds_bos)

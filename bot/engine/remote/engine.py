@@ -7,7 +7,12 @@ one server at a time and learns what each one takes.
 
 Failures before the first token (connection refused, timeouts, 429, 5xx) are retried with exponential backoff and
 jitter, on another replica when there is one; after the first token a failure ends the stream with
-ServerBrokeOffError, since half an answer cannot be taken back from the user.
+ServerBrokeOffError, since half an answer cannot be taken back from the user. Reasoning tokens count: trying again
+would make a thinking model think it all over while the user waits without a word.
+
+A thinking model's reasoning never reaches the chat layer (reasoning.py takes it out, or shows it as a spoiler line
+with `[model] show_reasoning`). A stream that ends with reasoning and no answer, or with an empty answer at
+finish_reason "length", is ThoughtWithoutAnswerError; an answer cut at "length" stands, as max_new_tokens allows.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ import aiohttp
 
 from bot.engine.base import Engine, EngineStats, GenerationRequest, MessagePrompt
 from bot.engine.remote.client import Retryable, ServerClient
+from bot.engine.remote.reasoning import ReasoningFilter
 from bot.engine.remote.replicas import Replica, ReplicaPool
-from bot.engine.remote.wire import context_length_from_listing
+from bot.engine.remote.wire import Delta, context_length_from_listing
 from bot.errors import (
     ConfigError,
     EngineDeadError,
@@ -36,6 +42,7 @@ from bot.errors import (
     QueueFullError,
     ServerBrokeOffError,
     ServerUnreachableError,
+    ThoughtWithoutAnswerError,
 )
 
 if TYPE_CHECKING:
@@ -154,14 +161,29 @@ class RemoteEngine(Engine):
             requests=self._stats.requests + 1,
             largest_batch=max(self._stats.largest_batch, self._in_flight),
         )
+        answer = ReasoningFilter(show=self.settings.show_reasoning)
         try:
             # aclosing: a consumer that leaves closes the inner streams (and so the connection) now, not at GC.
             async with contextlib.aclosing(self._with_retries(request)) as deltas:
                 async for delta in deltas:
-                    self._tokens += 1
-                    yield delta
+                    if delta.text or delta.reasoning:
+                        self._tokens += 1
+                    text = answer.feed(delta)
+                    if text:
+                        yield text
+            rest = answer.finish()
+            if rest:
+                yield rest
         finally:
             self._in_flight -= 1
+        if not answer.answered and (answer.thought or answer.finish_reason == "length"):
+            # Without reasoning, an empty answer at "stop" is the model's own choice and stands (shown as empty).
+            log.info(
+                "no answer within max_new_tokens (finish %s, %d characters of reasoning)",
+                answer.finish_reason,
+                len(answer.reasoning),
+            )
+            raise ThoughtWithoutAnswerError(f"finish_reason {answer.finish_reason}, no answer after the reasoning")
 
     # --- start-up ------------------------------------------------------------------------------------------
 
@@ -231,7 +253,7 @@ class RemoteEngine(Engine):
         if len(prompt.ids) > limit:
             raise PromptTooLongError(len(prompt.ids), max(limit, 0))
 
-    async def _with_retries(self, request: GenerationRequest) -> AsyncGenerator[str, None]:
+    async def _with_retries(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         tries = 0
         tried: list[Replica] = []
         while True:

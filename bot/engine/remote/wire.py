@@ -7,6 +7,7 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -53,8 +54,18 @@ async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
         yield "\n".join(lines)
 
 
-async def completion_deltas(content: aiohttp.StreamReader, *, chat: bool) -> AsyncIterator[str]:
-    """The text deltas of a streamed `/completions` or `/chat/completions` answer.
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One streamed piece: answer text, reasoning the server keeps apart from it, and the finish reason once the
+    server gives one ("stop", "length", ...)."""
+
+    text: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+
+
+async def completion_deltas(content: aiohttp.StreamReader, *, chat: bool) -> AsyncIterator[Delta]:
+    """The deltas of a streamed `/completions` or `/chat/completions` answer (empty ones left out).
 
     Raises StreamError when the server reports an error in the stream or the stream ends before the server said
     it was done (a `finish_reason` or `[DONE]`): an answer cut short must not pass for a whole one.
@@ -72,13 +83,33 @@ async def completion_deltas(content: aiohttp.StreamReader, *, chat: bool) -> Asy
         if chunk.get("error"):
             raise StreamError(f"the server reported: {chunk['error']}")
         for choice in chunk.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-            if text:
-                yield text
-            if choice.get("finish_reason"):
+            delta = _delta(choice, chat=chat)
+            if delta.text or delta.reasoning or delta.finish_reason:
+                yield delta
+            if delta.finish_reason:
                 finished = True
     if not finished:
         raise StreamError("the stream ended before the answer was finished")
+
+
+def _delta(choice: Any, *, chat: bool) -> Delta:
+    if not isinstance(choice, dict):
+        raise StreamError(f"not a completion choice: {str(choice)[:200]!r}")
+    finish = choice.get("finish_reason")
+    finish = finish if isinstance(finish, str) and finish else None
+    if not chat:
+        return Delta(_text(choice.get("text")), finish_reason=finish)
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise StreamError(f"not a completion delta: {str(delta)[:200]!r}")
+    # Reasoning kept out of `content`: `reasoning_content` (DeepSeek's API, vLLM's reasoning parsers) or
+    # `reasoning` (newer vLLM, OpenRouter).
+    reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
+    return Delta(_text(delta.get("content")), reasoning, finish)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:

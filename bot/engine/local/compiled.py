@@ -1,0 +1,140 @@
+"""The decode step through torch.compile (`[model] compile = "decode"`), with the eager step as the fallback.
+
+A decode step runs the whole model for one token per row. Eagerly, every one of its few hundred small operations is
+a Python call into transformers and a dispatch into torch; compiled (inductor: C++ on the CPU, Triton on a GPU),
+the step is one graph whose elementwise work (norms, rotary embedding, activations, residuals) is fused around the
+matrix multiplications, which go to the same BLAS library as before.
+
+The graph is traced over SlotBatch.step_cache, whose layers hold views of the batch's buffers ending in the step's
+new slot: every position the step needs is in the shapes of its tensors, so nothing Python-side changes between
+steps. Rows and slots are dynamic dimensions; a 1-row step is its own graph (torch specializes sizes 0 and 1), so
+there are two buckets, 1 row and 2+ rows, both compiled at start-up (warm_up) so that no user's turn waits for a
+compilation. (On a GPU the same buckets would be CUDA graphs, `mode="reduce-overhead"`, which need fixed shapes: a
+fixed slot capacity per bucket; not built, as this project has no GPU to test it on.)
+
+Prefill steps stay eager: their shapes differ every time, and their matrix multiplications have many rows, where
+the per-operation overhead compiling saves is small.
+
+Anything that goes wrong while compiling or in a compiled step (other than running out of memory, which the model
+runner handles by splitting the batch) turns compiling off for the rest of the run, logged once, and the step
+runs eagerly: a slower answer, never a failed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bot.engine.local.kv_store import SlotBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.cache_utils import Cache
+
+log = logging.getLogger(__name__)
+
+# Slots of history in the warm-up steps' rows: any size above 1 (a size of 1 would be specialized) that no other
+# dimension of the step has, as torch takes equal sizes to be the same symbol.
+WARM_UP_SLOTS = 37
+
+
+class CompiledDecode:
+    """The model's decode forward, compiled once per bucket; called from the engine's worker thread only."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self._model = model
+        self._compiled: Any = torch.compile(self._run, fullgraph=True)
+        self.enabled = True
+        self.compile_s = 0.0
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Cache) -> torch.Tensor:
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits
+        return logits[:, -1, :]
+
+    def warm_up(self) -> None:
+        """Compile both buckets now, on dummy rows, logging progress; on failure, log and turn compiling off."""
+        model = self._model
+        start = time.perf_counter()
+        try:
+            for rows in (1, 2):
+                log.info("compiling the decode step for %s (once, at start-up)", "1 row" if rows == 1 else "2+ rows")
+                batch = SlotBatch.for_model(model.config, model.dtype, model.device)
+                batch.reserve(rows, WARM_UP_SLOTS + 1)
+                batch.add([None] * rows)
+                # Zero keys and values stand for a history: the step's result is thrown away, only its shapes count.
+                batch.prefill_mask(torch.ones((rows, WARM_UP_SLOTS), dtype=torch.long, device=model.device))
+                batch.advance(WARM_UP_SLOTS)
+                ids = torch.zeros((rows, 1), dtype=torch.long)
+                positions = torch.full((rows, 1), WARM_UP_SLOTS, dtype=torch.long)
+                self._call(ids, positions, batch.step_mask(), batch, 0, rows, mark=rows > 1)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._give_up("compiling it failed", exc)
+            return
+        self.compile_s = time.perf_counter() - start
+        log.info("decode step compiled in %.0f s", self.compile_s)
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: SlotBatch, lo: int, hi: int
+    ) -> torch.Tensor | None:
+        """Logits of rows [lo, hi) (after batch.step_mask(); `mask` is theirs); None when compiling is off, or the
+        compiled step failed just now (the caller runs the eager step instead)."""
+        if not self.enabled:
+            return None
+        try:
+            return self._call(input_ids, positions, mask, batch, lo, hi)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._give_up("a compiled decode step failed", exc)
+            return None
+
+    def _call(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        batch: SlotBatch,
+        lo: int,
+        hi: int,
+        *,
+        mark: bool | None = None,
+    ) -> torch.Tensor:
+        device = self._model.device
+        input_ids, positions = input_ids.to(device), positions.to(device)
+        cache = batch.step_cache(lo, hi)
+        if mark is not None:
+            _mark_dynamic(input_ids, positions, mask, batch.step_views(), rows=mark)
+        with torch.inference_mode():
+            logits: torch.Tensor = self._compiled(input_ids, positions, mask, cache)
+        return logits
+
+    def _give_up(self, what: str, exc: Exception) -> None:
+        self.enabled = False
+        log.warning("%s; decode steps run eagerly from now on", what, exc_info=exc)
+
+
+def _mark_dynamic(
+    input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, kv: list[torch.Tensor], *, rows: bool
+) -> None:
+    """Make the slots (and, with `rows`, the rows) symbols in the graph compiled next: one graph then serves every
+    length of history (and batch size). Without a mark, torch would compile a graph for the first size it sees and
+    another once the size changes."""
+    torch._dynamo.mark_dynamic(mask, 1)
+    for t in kv:
+        torch._dynamo.mark_dynamic(t, 2)
+    if rows:
+        for t in (input_ids, positions, mask, *kv):
+            torch._dynamo.mark_dynamic(t, 0)

@@ -1,0 +1,83 @@
+"""`[model] compile = "decode"`: the compiled decode step gives the eager step's greedy answers token for token, and
+a compilation that fails leaves the engine answering eagerly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from bot.config import ModelSettings
+from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
+from bot.engine.local.compiled import CompiledDecode
+
+PROMPTS = (
+    "Hello, how are you?",
+    "Tell me a long story about dragons and castles.",
+    "a",
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived",
+)
+
+
+def settings(model_dir: Path, **overrides: Any) -> ModelSettings:
+    return ModelSettings(name=str(model_dir), dtype="float32", device_map="cpu", **overrides)
+
+
+async def answers(engine: LocalEngine, prompts: list[tuple[int, ...]]) -> list[str]:
+    """Answers in the shapes a chat gives the decode step: a batch of rows that join and leave at different
+    steps (different lengths), a lone row, then second turns that start from their sessions' cached prefixes."""
+
+    async def one(ids: tuple[int, ...], tokens: int, session: str | None) -> str:
+        sampling = SamplingParams(max_new_tokens=tokens, temperature=0.0)
+        return "".join([d async for d in engine.generate(GenerationRequest(TokenPrompt(ids), sampling, session))])
+
+    batch = await asyncio.gather(*(one(p, 6 + 3 * i, f"s{i}") for i, p in enumerate(prompts)))
+    alone = await one(prompts[0], 20, None)
+    tokenizer = engine.tokenizer
+    assert tokenizer is not None
+    second = [
+        tuple(p) + tuple(tokenizer.encode(a + " And then?", add_special_tokens=False))
+        for p, a in zip(prompts, batch, strict=True)
+    ]
+    again = await asyncio.gather(*(one(p, 8, f"s{i}") for i, p in enumerate(second)))
+    return [*batch, alone, *again]
+
+
+async def test_compiled_decode_gives_the_eager_answers(
+    tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = [tuple(tokenizer(text).input_ids) for text in PROMPTS]
+    async with LocalEngine(settings(tiny_llama_dir)) as eager:
+        expected = await answers(eager, prompts)
+    with caplog.at_level(logging.INFO, logger="bot.engine.local.compiled"):
+        async with LocalEngine(settings(tiny_llama_dir, compile="decode")) as compiled:
+            got = await answers(compiled, prompts)
+    assert got == expected
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("decode step compiled in" in m for m in messages)
+    assert not any("run eagerly" in m for m in messages), messages
+
+
+async def test_a_failed_compilation_falls_back_to_eager(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: CompiledDecode, *args: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(CompiledDecode, "_run", broken)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tuple(tokenizer(PROMPTS[1]).input_ids)
+    sampling = SamplingParams(max_new_tokens=10, temperature=0.0)
+    async with LocalEngine(settings(tiny_llama_dir)) as eager:
+        expected = "".join([d async for d in eager.generate(GenerationRequest(TokenPrompt(ids), sampling))])
+    with caplog.at_level(logging.WARNING, logger="bot.engine.local.compiled"):
+        async with LocalEngine(settings(tiny_llama_dir, compile="decode")) as engine:
+            got = "".join([d async for d in engine.generate(GenerationRequest(TokenPrompt(ids), sampling))])
+    assert got == expected
+    assert any("compiling it failed" in r.getMessage() for r in caplog.records)
