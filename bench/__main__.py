@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an OpenAI-compatible server serving the same model (llama-server, vLLM): runs workloads 1-3 too",
     )
     p.add_argument("--no-limit", action="store_true", help="skip measuring the machine's memory read limit")
+    p.add_argument(
+        "--compile", default="off", choices=("off", "decode"), help="our engine's [model] compile (off: eager)"
+    )
     return p.parse_args(argv)
 
 
@@ -94,6 +97,7 @@ async def run(args: argparse.Namespace) -> None:
         max_batch_size=16,
         max_queue=256,
         kv_cache_budget_mb=4096,
+        compile=args.compile,
     )
     # Loaded on the engine's worker thread, as the bot loads it: no other thread of this process runs torch.
     engine = LocalEngine(settings, loader=lambda: load_model(choice))
@@ -168,7 +172,8 @@ async def run(args: argparse.Namespace) -> None:
         res.add("GPU", torch.cuda.get_device_name(), f"peak {peak:.1f} GiB")
     title = (
         f"{name} on {args.device} ({args.dtype}), {torch.get_num_threads()} threads, {platform.processor() or '?'}, "
-        f"repeat {args.repeat}{', quick' if quick else ''}, {time.perf_counter() - started:.0f} s"
+        f"compile {args.compile}, repeat {args.repeat}{', quick' if quick else ''}, "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print_table(res, title)
 

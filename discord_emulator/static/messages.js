@@ -77,7 +77,7 @@ function embeds(m, names) {
     ${e.description ? `<div class="embed-description">${renderMarkdown(e.description, names)}</div>` : ""}</div>`).join("");
 }
 
-function components(m, failed) {
+function components(m, failedIds) {
   const rows = (m.components || []).map((row) => {
     const items = (row.components || []).map((c) => {
       if (c.type === 2) {
@@ -95,7 +95,7 @@ function components(m, failed) {
     });
     return `<div class="action-row">${items.join("")}</div>`;
   });
-  const failed = failed.has(m.id) ? '<div class="interaction-failed">This interaction failed</div>' : "";
+  const failed = failedIds.has(m.id) ? '<div class="interaction-failed">This interaction failed</div>' : "";
   return rows.length ? `<div class="components">${rows.join("")}</div>${failed}` : "";
 }
 
