@@ -33,12 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=100, help="tokens of history per row")
     p.add_argument("--steps", type=int, default=30, help="timed steps per path and batch size")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plain", action="store_true", help="inductor's default options (no freezing, no autotuning)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     model, _ = load_model(ModelChoice(args.model, False, "float32", "cpu"))
     with torch.inference_mode():
-        compiled = CompiledDecode(model)
+        compiled = CompiledDecode(model, {} if args.plain else None)
         compiled.warm_up()
         if not compiled.enabled:
             raise SystemExit("compiling failed (see the log)")

@@ -135,8 +135,18 @@ async def test_killed_at_random_while_writing_history_nothing_acknowledged_is_lo
                     what="the bot to connect",
                 )
                 assert "quarantine" not in bot.log, bot.log
+                asked_before = len(load.asked)
                 writers = [asyncio.create_task(load.user_loop(user, round_number, final)) for user in users]
-                delay = rng.uniform(0.3, 2.0)
+                # The kill comes at a random moment once this round's load is flowing (its first answer is
+                # shown), not after a fixed time: a slow machine still kills mid-load, never before any.
+                await emu.wait_for(
+                    lambda n=asked_before: any(
+                        reply["content"] == final for asked in load.asked[n:] for reply in load.replies(asked)
+                    ),
+                    timeout=120,
+                    what="this round's first answer",
+                )
+                delay = rng.uniform(0.0, 1.7)
                 kill_delays.append(delay)
                 await asyncio.sleep(delay)
                 bot.process.kill()
@@ -165,8 +175,8 @@ async def test_killed_at_random_while_writing_history_nothing_acknowledged_is_lo
 
     stored_total = sum(1 for status, answer in stored.values() if status == "ok" and answer == final)
     print(
-        f"\ncrash safety: {ROUNDS} SIGKILL rounds (seed {seed}), kills after {min(kill_delays):.2f}-"
-        f"{max(kill_delays):.2f}s of load; {len(load.asked)} messages sent, {len(acknowledged)} acknowledged "
+        f"\ncrash safety: {ROUNDS} SIGKILL rounds (seed {seed}), kills {min(kill_delays):.2f}-"
+        f"{max(kill_delays):.2f}s after each round's first answer; {len(load.asked)} messages sent, {len(acknowledged)} acknowledged "
         f"answers, {stored_total} stored answers, 0 lost"
     )
     assert len(acknowledged) >= ROUNDS, "the load produced answered turns to check"

@@ -40,13 +40,17 @@ log = logging.getLogger(__name__)
 # dimension of the step has, as torch takes equal sizes to be the same symbol.
 WARM_UP_SLOTS = 37
 
+INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
 
 class CompiledDecode:
     """The model's decode forward, compiled once per bucket; called from the engine's worker thread only."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, options: dict[str, Any] | None = None) -> None:
         self._model = model
-        self._compiled: Any = torch.compile(self._run, fullgraph=True)
+        self._compiled: Any = torch.compile(
+            self._run, fullgraph=True, options=INDUCTOR_OPTIONS if options is None else options
+        )
         self.enabled = True
         self.compile_s = 0.0
 
