@@ -176,7 +176,7 @@ async def test_killed_at_random_while_writing_history_nothing_acknowledged_is_lo
     stored_total = sum(1 for status, answer in stored.values() if status == "ok" and answer == final)
     print(
         f"\ncrash safety: {ROUNDS} SIGKILL rounds (seed {seed}), kills {min(kill_delays):.2f}-"
-        f"{max(kill_delays):.2f}s after each round's first answer; {len(load.asked)} messages sent, {len(acknowledged)} acknowledged "
-        f"answers, {stored_total} stored answers, 0 lost"
+        f"{max(kill_delays):.2f}s after each round's first answer; {len(load.asked)} messages sent, "
+        f"{len(acknowledged)} acknowledged answers, {stored_total} stored answers, 0 lost"
     )
     assert len(acknowledged) >= ROUNDS, "the load produced answered turns to check"
