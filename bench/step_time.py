@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -34,13 +35,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per path and batch size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plain", action="store_true", help="inductor's default options (no freezing, no autotuning)")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only quantization (torchao) of both paths")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     model, _ = load_model(ModelChoice(args.model, False, "float32", "cpu"))
+    if args.int8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())
     with torch.inference_mode():
-        compiled = CompiledDecode(model, {} if args.plain else None)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        compiled = CompiledDecode(model, tuned=not args.plain)
         compiled.warm_up()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+        print(
+            f"peak resident memory: {before:.0f} MiB before compiling, {after:.0f} MiB after; now {rss_mib():.0f} MiB"
+        )
         if not compiled.enabled:
             raise SystemExit("compiling failed (see the log)")
         print(f"compiled both buckets in {compiled.compile_s:.1f} s")
@@ -48,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
             time_rows(model, compiled, rows, args.context, args.steps)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     print(f"graphs compiled in all: {graphs} (2 expected: 1 row, 2+ rows)")
+
+
+def rss_mib() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
 
 
 def time_rows(model: PreTrainedModel, compiled: CompiledDecode, rows: int, context: int, steps: int) -> None:
@@ -66,7 +82,7 @@ def time_rows(model: PreTrainedModel, compiled: CompiledDecode, rows: int, conte
     for step in range(steps + 1):
         # Both paths on the same slot, token and position: the second writes the same keys and values again.
         positions = torch.full((rows, 1), batch.end, dtype=torch.long)
-        mask = batch.step_mask()
+        mask = batch.step_mask(spare=1)
         logits = {}
         for path in times:
             start = time.perf_counter()

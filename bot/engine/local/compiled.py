@@ -40,31 +40,32 @@ log = logging.getLogger(__name__)
 # dimension of the step has, as torch takes equal sizes to be the same symbol.
 WARM_UP_SLOTS = 37
 
-INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# Inductor's options for the decode graph. `freezing` takes the weights as constants, which lets `max_autotune` try
+# its C++ GEMM template (weights packed once at compile time, AVX-512 micro-kernels, both cores) against the BLAS
+# library's call for each matrix shape and keep the faster: for one row's step on this project's 2-core CPU, the
+# BLAS library's small matrix-vector products ran on one core at about half the memory's speed. `cpp_wrapper` runs
+# the whole step as one C++ call that lets go of the GIL (the default Python wrapper holds it through each kernel,
+# and the event loop's thread waited up to a step: worst lag 43 ms, p99 19 ms, where the eager step gave 6 and 4).
+INDUCTOR_OPTIONS: dict[str, Any] = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "cpp_wrapper": True,
+}
 
 
 class CompiledDecode:
     """The model's decode forward, compiled once per bucket; called from the engine's worker thread only."""
 
-    def __init__(self, model: PreTrainedModel, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, *, tuned: bool = True) -> None:
+        """`tuned`: inductor's freezing and GEMM autotuning (INDUCTOR_OPTIONS); False: its defaults."""
         self._model = model
-        self._compiled: Any = torch.compile(
-            self._run, fullgraph=True, options=INDUCTOR_OPTIONS if options is None else options
-        )
+        # A module, not a function over the model: inductor freezes (takes as constants) the parameters of the module
+        # it compiles, which its C++ GEMM needs to pack the weights once.
+        self._compiled: Any = torch.compile(_DecodeForward(model), fullgraph=True)
+        self._options = INDUCTOR_OPTIONS if tuned else {}
         self.enabled = True
         self.compile_s = 0.0
-
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Cache) -> torch.Tensor:
-        out = self._model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits: torch.Tensor = out.logits
-        return logits[:, -1, :]
 
     def warm_up(self) -> None:
         """Compile both buckets now, on dummy rows, logging progress; on failure, log and turn compiling off."""
@@ -74,14 +75,14 @@ class CompiledDecode:
             for rows in (1, 2):
                 log.info("compiling the decode step for %s (once, at start-up)", "1 row" if rows == 1 else "2+ rows")
                 batch = SlotBatch.for_model(model.config, model.dtype, model.device)
-                batch.reserve(rows, WARM_UP_SLOTS + 1)
+                batch.reserve(rows, WARM_UP_SLOTS + 2)
                 batch.add([None] * rows)
                 # Zero keys and values stand for a history: the step's result is thrown away, only its shapes count.
                 batch.prefill_mask(torch.ones((rows, WARM_UP_SLOTS), dtype=torch.long, device=model.device))
                 batch.advance(WARM_UP_SLOTS)
                 ids = torch.zeros((rows, 1), dtype=torch.long)
                 positions = torch.full((rows, 1), WARM_UP_SLOTS, dtype=torch.long)
-                self._call(ids, positions, batch.step_mask(), batch, 0, rows, mark=rows > 1)
+                self._call(ids, positions, batch.step_mask(spare=1), batch, 0, rows, mark=rows > 1)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
@@ -93,8 +94,8 @@ class CompiledDecode:
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: SlotBatch, lo: int, hi: int
     ) -> torch.Tensor | None:
-        """Logits of rows [lo, hi) (after batch.step_mask(); `mask` is theirs); None when compiling is off, or the
-        compiled step failed just now (the caller runs the eager step instead)."""
+        """Logits of rows [lo, hi) (after batch.step_mask(spare=1); `mask` is theirs); None when compiling is off,
+        or the compiled step failed just now (the caller runs the eager step instead)."""
         if not self.enabled:
             return None
         try:
@@ -117,11 +118,14 @@ class CompiledDecode:
         mark: bool | None = None,
     ) -> torch.Tensor:
         device = self._model.device
-        input_ids, positions = input_ids.to(device), positions.to(device)
+        # The mask contiguous, always: torch specializes a graph on whether an input is (see step_mask's spare).
+        input_ids, positions, mask = input_ids.to(device), positions.to(device), mask.contiguous()
         cache = batch.step_cache(lo, hi)
         if mark is not None:
             _mark_dynamic(input_ids, positions, mask, batch.step_views(), rows=mark)
-        with torch.inference_mode():
+        # Set around every call, not passed to torch.compile: given as torch.compile(options=...), freezing and
+        # autotuning were not applied (torch 2.13; the generated code called the BLAS library for every matmul).
+        with torch.inference_mode(), torch._inductor.config.patch(self._options):
             logits: torch.Tensor = self._compiled(input_ids, positions, mask, cache)
         return logits
 
@@ -142,3 +146,25 @@ def _mark_dynamic(
     if rows:
         for t in (input_ids, positions, mask, *kv):
             torch._dynamo.mark_dynamic(t, 0)
+
+
+class _DecodeForward(torch.nn.Module):
+    """The model's forward for one decode step: the logits of each row's one new token."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = out.logits
+        return logits[:, -1, :]

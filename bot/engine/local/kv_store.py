@@ -188,11 +188,14 @@ class SlotBatch:
         """The keys and values views that step_cache set last, layer by layer."""
         return [t for layer in self._step_layers for t in (layer.keys, layer.values) if t is not None]
 
-    def step_mask(self) -> torch.Tensor:
-        """Make room for one more slot in every row, marked used; the running rows' mask including it.
+    def step_mask(self, spare: int = 0) -> torch.Tensor:
+        """Make room for one more slot in every row (and `spare` more), marked used; the running rows' mask
+        including it.
 
-        `cache` then runs every row, until select() narrows it."""
-        self._reserve(self.rows, self.end + 1)
+        `cache` then runs every row, until select() narrows it. A compiled step asks for a spare slot: its views
+        then never fill the buffers, and a view that did would be contiguous, for which torch compiles a graph of
+        its own (it specializes on strides)."""
+        self._reserve(self.rows, self.end + 1 + spare)
         self.lo, self.hi = 0, self.rows
         self.mask[: self.rows, self.end] = 1
         return self.mask[: self.rows, self.start : self.end + 1]

@@ -20,6 +20,9 @@ have got in the full batch. Memory the split saves is the forward's own (activat
 logits), which grows with the rows of a call; the KV buffers themselves are already allocated. A prefill splits the
 joining group; a decode step splits the running rows over the SlotBatch (SlotBatch.select) and keeps running in
 chunks of the size that fitted, trying twice that again after a while, as memory may have been freed meanwhile.
+
+With `[model] compile = "decode"`, a decode step goes through the compiled forward (compiled.py) over the batch's
+step views (SlotBatch.step_cache); the eager forward is the fallback when compiling is off or failed.
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ class ModelRunner:
         joining = SlotBatch.for_model(self._model.config, self._model.dtype, self._device)
         # Room for the decode steps too, so a batch that runs alone does not grow (and copy) while it decodes.
         decode = max(row.request.sampling.max_new_tokens for row in rows)
-        joining.reserve(len(rows), max(cached) + width + (decode if self._batch is None else 0))
+        # And one spare: a compiled step keeps one (SlotBatch.step_mask).
+        joining.reserve(len(rows), max(cached) + width + (decode + 1 if self._batch is None else 0))
         joining.add(prefixes)
         mask = joining.prefill_mask(new_mask.to(self._device))
         s = self.stats
@@ -221,7 +225,7 @@ class ModelRunner:
         rows = self.rows
         input_ids = torch.tensor([[row.next_token] for row in rows], dtype=torch.long)
         positions = torch.tensor([[len(row.fed)] for row in rows], dtype=torch.long)
-        mask = batch.step_mask()
+        mask = batch.step_mask(spare=1 if self._compiled is not None and self._compiled.enabled else 0)
         self.stats = dataclasses.replace(self.stats, steps=self.stats.steps + 1)
         chunk = self._chunk or len(rows)
         pieces: list[tuple[int, torch.Tensor]] = []
