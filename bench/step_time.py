@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per path and batch size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plain", action="store_true", help="inductor's default options (no freezing, no autotuning)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only quantization (torchao) of both paths")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weight-only quantization (torchao, installed separately) of both paths",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

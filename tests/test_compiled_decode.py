@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from bot.config import ModelSettings
+from bot.config import ModelSettings, settings_from_mapping
 from bot.engine import GenerationRequest, LocalEngine, SamplingParams, TokenPrompt
 from bot.engine.local import compiled
 from bot.engine.local.compiled import _DecodeForward
+from bot.errors import ConfigError
 
 PROMPTS = (
     "Hello, how are you?",
@@ -99,3 +100,10 @@ async def test_a_failed_compilation_falls_back_to_eager(
             got = "".join([d async for d in engine.generate(GenerationRequest(TokenPrompt(ids), sampling))])
     assert got == expected
     assert any("compiling it failed" in r.getMessage() for r in caplog.records)
+
+
+def test_compile_setting_is_checked() -> None:
+    assert settings_from_mapping({"model": {"compile": "decode"}}).model.compile == "decode"
+    assert settings_from_mapping({}).model.compile == "off"
+    with pytest.raises(ConfigError, match=r"model\.compile.*one of 'off', 'decode'"):
+        settings_from_mapping({"model": {"compile": "always"}})
