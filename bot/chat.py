@@ -14,10 +14,12 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
+from functools import partial
 
 from bot.attachments import with_files
 from bot.config import Settings
 from bot.engine import Engine, GenerationRequest, SamplingParams
+from bot.engine.base import FinishReason
 from bot.errors import BotError, MessageRejectedError, NotLatestAnswerError, StorageError
 from bot.history import HeldSession, HistoryStore
 from bot.personas import PersonaStore, expand_prompt_variables, prompt_variables
@@ -176,6 +178,19 @@ class ChatService:
     async def regenerate(self, session_id: str, asked_message_id: int) -> AsyncIterator[Turn]:
         """A new answer to the latest question of a session, which asked in Discord message `asked_message_id`;
         it replaces the old answer in history once it is complete (a failure before it begins keeps the old)."""
+        async with self._latest_answer(session_id, asked_message_id, go_on=False) as turn:
+            yield turn
+
+    @asynccontextmanager
+    async def continue_answer(self, session_id: str, asked_message_id: int) -> AsyncIterator[Turn]:
+        """The latest answer of a session (to Discord message `asked_message_id`), cut at max_new_tokens, goes on
+        where it stopped: the model continues the same answer, and history keeps the two parts as one. The Turn
+        streams only the new part."""
+        async with self._latest_answer(session_id, asked_message_id, go_on=True) as turn:
+            yield turn
+
+    @asynccontextmanager
+    async def _latest_answer(self, session_id: str, asked_message_id: int, *, go_on: bool) -> AsyncIterator[Turn]:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 held = await stack.enter_async_context(self.store.hold(session_id))
@@ -187,8 +202,9 @@ class ChatService:
                 raise NotLatestAnswerError(f"message {asked_message_id} is not the latest answer of {session_id}")
             asked = len(messages) - 2
             before = dataclasses.replace(held.session, messages=messages[:asked])
+            start = messages[-1].content if go_on else ""
             yield await stack.enter_async_context(
-                self._answer(held, messages[asked], context=before, replaces=2, title=None)
+                self._answer(held, messages[asked], context=before, replaces=2, title=None, answer_start=start)
             )
 
     @asynccontextmanager
@@ -216,25 +232,36 @@ class ChatService:
 
     @asynccontextmanager
     async def _answer(
-        self, held: HeldSession, user_message: StoredMessage, *, context: Session, replaces: int, title: str | None
+        self,
+        held: HeldSession,
+        user_message: StoredMessage,
+        *,
+        context: Session,
+        replaces: int,
+        title: str | None,
+        answer_start: str = "",
     ) -> AsyncIterator[Turn]:
-        """Stream an answer to `user_message` after the history in `context`; the outcome replaces the last
-        `replaces` messages of the held session."""
+        """Stream an answer to `user_message` after the history in `context` (going on from `answer_start`, the
+        answer so far, when given); the outcome replaces the last `replaces` messages of the held session."""
         deltas: AsyncGenerator[str, None] | None = None
         turn: Turn | None = None
         try:
             # Tokenizing a long history takes milliseconds: off the event loop.
             speaker = Speaker(user_message.author_id, user_message.author_name)
-            rendered = await asyncio.to_thread(self.renderer.render, context, user_message.content, speaker)
+            rendered = await asyncio.to_thread(
+                partial(self.renderer.render, answer_start=answer_start), context, user_message.content, speaker
+            )
             queued_ahead = self.engine.waiting
+            ending: list[FinishReason] = []
             deltas = self.engine.generate(
                 GenerationRequest(
                     prompt=rendered.prompt,
                     sampling=SamplingParams.from_settings(self.settings.model),
                     session_id=held.session.id,
+                    on_finish=ending.append,
                 )
             )
-            turn = Turn(held, user_message, queued_ahead=queued_ahead, deltas=deltas, replaces=replaces)
+            turn = Turn(held, user_message, queued_ahead=queued_ahead, deltas=deltas, replaces=replaces, ending=ending)
             yield turn
         except BaseException as exc:
             # Errors fail the turn; CancelledError and GeneratorExit (the caller went away) cancel it.
@@ -252,7 +279,7 @@ class ChatService:
             return
         answer = StoredMessage(
             role="assistant",
-            content=turn.answer.strip(),
+            content=(answer_start + turn.answer).strip(),
             author_id=None,
             created_at=utc_now_iso(),
             discord_message_id=turn.user_message.answer_message_id,

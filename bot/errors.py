@@ -108,7 +108,7 @@ class MessageRejectedError(BotError):
 
 
 class NotLatestAnswerError(BotError):
-    """Regenerate was asked of an answer that a later turn has followed."""
+    """Regenerate or Continue was asked of an answer that a later turn has followed."""
 
     user_message = "Only the latest answer of a conversation can be regenerated."
 

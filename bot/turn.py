@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from bot.attachments import TextFile
+from bot.engine.base import FinishReason
 from bot.errors import BotError
 from bot.history import HeldSession
 from bot.sessions import Place, Session, StoredMessage
@@ -51,7 +52,9 @@ class Turn:
         queued_ahead: int,
         deltas: AsyncIterator[str],
         replaces: int = 0,
+        ending: list[FinishReason] | None = None,
     ) -> None:
+        """`ending`: filled by the engine (GenerationRequest.on_finish) with how the answer ended."""
         self.held = held
         self.user_message = user_message
         self.queued_ahead = queued_ahead
@@ -66,6 +69,7 @@ class Turn:
         self.replaces = replaces
         self._mark: StoredMessage | None = None
         self._deltas = deltas
+        self._ending = ending if ending is not None else []
 
     @property
     def session(self) -> Session:
@@ -78,6 +82,12 @@ class Turn:
             if self.stopped:
                 return
         self.finished = True
+
+    @property
+    def cut_at_limit(self) -> bool:
+        """Whether the answer ran to max_new_tokens (so it may go on: Continue), rather than ending or being
+        stopped."""
+        return self.finished and not self.stopped and self._ending[-1:] == ["length"]
 
     def stop(self, by: str | None = None) -> None:
         """End the answer where it is (the Stop button); the part written so far is kept, marked stopped."""

@@ -1,8 +1,8 @@
-"""The bot's persistent buttons: Stop while an answer streams, Regenerate on a session's latest answer, and
-Continue here on a transcript from `/history`.
+"""The bot's persistent buttons: Stop while an answer streams, Regenerate on a session's latest answer, Continue
+on a latest answer cut at max_new_tokens, and Continue here on a transcript from `/history`.
 
 All are `DynamicItem`s: their custom ids carry what they act on, so they keep working after a restart (discord.py
-rebuilds them from the id). The work itself is the cogs' (`ChatCog.stop_answer`, `ChatCog.regenerate`,
+rebuilds them from the id). The work itself is the cogs' (cogs/answer_actions.py through the ChatCog,
 `SessionsCog.continue_here`).
 """
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 STOP_ID = "answer:stop:{asked}"
 CONTINUE_ID = "session:continue:{session}"
 REGENERATE_ID = "answer:regenerate:{session}:{asked}"
+CONTINUE_ANSWER_ID = "answer:continue:{session}:{asked}"
 
 
 def cog_of(interaction: discord.Interaction, name: str) -> Any:
@@ -53,7 +54,7 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"answ
         return cls(int(match["asked"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await chat_cog(interaction).stop_answer(interaction, self.asked)
+        await chat_cog(interaction).actions.stop(interaction, self.asked)
 
 
 class RegenerateButton(
@@ -80,7 +81,34 @@ class RegenerateButton(
         return cls(match["session"], int(match["asked"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await chat_cog(interaction).regenerate(interaction, self.session_id, self.asked)
+        await chat_cog(interaction).actions.regenerate(interaction, self.session_id, self.asked)
+
+
+class ContinueAnswerButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"answer:continue:(?P<session>[A-Za-z0-9_-]{16}):(?P<asked>[0-9]+)",
+):
+    """The latest answer of session `session` (to user message `asked`) goes on where max_new_tokens cut it."""
+
+    def __init__(self, session_id: str, asked: int) -> None:
+        super().__init__(
+            discord.ui.Button(
+                label="Continue",
+                style=discord.ButtonStyle.primary,
+                custom_id=CONTINUE_ANSWER_ID.format(session=session_id, asked=asked),
+            )
+        )
+        self.session_id = session_id
+        self.asked = asked
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> ContinueAnswerButton:
+        return cls(match["session"], int(match["asked"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await chat_cog(interaction).actions.continue_answer(interaction, self.session_id, self.asked)
 
 
 class ContinueHereButton(

@@ -1,5 +1,5 @@
 """Conversation turns from Discord messages: a mention in a channel, a reply to one of its answers, any message in a
-/newchat thread or a DM; the Stop and Regenerate buttons on its answers."""
+/newchat thread or a DM; every answer streamed, with its buttons (what they do: cogs/answer_actions.py)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from bot.admission import (
 from bot.attachments import TextFile
 from bot.chat import TurnInput
 from bot.discord_text import no_pings, strip_mentions_of
-from bot.errors import BotError, NotLatestAnswerError
+from bot.errors import BotError
 from bot.reply_stream import StreamingReply
 from bot.sessions import Place
 from bot.turn import Turn
-from cogs.answer_buttons import RegenerateButton, StopButton, buttons, turn_off
+from cogs.answer_actions import AnswerActions
+from cogs.answer_buttons import ContinueAnswerButton, RegenerateButton, StopButton, buttons
 from cogs.message_parts import place_names, quoted, read_text_files, replied_message
 
 if TYPE_CHECKING:
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 RESTARTING = "I'm restarting; please ask again in a minute."
 TURN_MESSAGE_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 EMPTY_HINT = "Send me some text and I'll answer it."
-ONLY_ASKER = "Only the person who asked (or a moderator) can {what} this answer."
-SAME_ANSWER = "The model answers with temperature 0 here, so the new answer is the same as the old one."
 HISTORY_LOST = "*I could not read this conversation's earlier history, so I'm starting it afresh here.*"
 
 
@@ -80,12 +79,13 @@ class ChatCog(commands.Cog):
         self.notices = NoticeGate()
         # The turn streaming the answer to each user message, for its Stop button.
         self.running: dict[int, Turn] = {}
+        self.actions = AnswerActions(self)
 
     async def cog_load(self) -> None:
-        self.bot.add_dynamic_items(StopButton, RegenerateButton)
+        self.bot.add_dynamic_items(StopButton, RegenerateButton, ContinueAnswerButton)
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(StopButton, RegenerateButton)
+        self.bot.remove_dynamic_items(StopButton, RegenerateButton, ContinueAnswerButton)
 
     async def drain(self, grace: float) -> None:
         self.stopping = True
@@ -267,57 +267,12 @@ class ChatCog(commands.Cog):
             self.running.pop(asked, None)
 
     async def finish(self, reply: StreamingReply, turn: Turn, asked: int) -> None:
-        reply.view = buttons(RegenerateButton(turn.session.id, asked))
+        regenerate = RegenerateButton(turn.session.id, asked)
+        if turn.cut_at_limit:
+            reply.view = buttons(regenerate, ContinueAnswerButton(turn.session.id, asked))
+        else:
+            reply.view = buttons(regenerate)
         await reply.finish(f"*Stopped by {turn.stopped_by or 'request'}.*" if turn.stopped else "")
-
-    async def stop_answer(self, interaction: discord.Interaction, asked: int) -> None:
-        """The Stop button: the asker or a moderator ends the answer to message `asked` where it is."""
-        turn = self.running.get(asked)
-        if turn is None:
-            await turn_off(interaction, "This answer is already finished.")
-            return
-        if interaction.user.id != turn.user_message.author_id and not interaction.permissions.manage_messages:
-            await interaction.response.send_message(ONLY_ASKER.format(what="stop"), ephemeral=True)
-            return
-        turn.stop(by=interaction.user.display_name)
-        await interaction.response.defer()
-
-    async def regenerate(self, interaction: discord.Interaction, session_id: str, asked: int) -> None:
-        """The Regenerate button: a new answer to the latest question, streamed into the same message."""
-        message = interaction.message
-        session = await self.store.get(session_id)
-        latest = session.answered_turns()[-1] if session is not None and session.answered_turns() else None
-        if message is None or session is None or latest is None or latest[0].discord_message_id != asked:
-            await turn_off(interaction, NotLatestAnswerError.user_message)
-            return
-        if interaction.user.id != latest[0].author_id and not interaction.permissions.manage_messages:
-            await interaction.response.send_message(ONLY_ASKER.format(what="regenerate"), ephemeral=True)
-            return
-        try:
-            ticket = self.admission.admit(interaction.user.id, session.place.key)
-        except BotError as exc:
-            await interaction.response.send_message(exc.user_message, ephemeral=True)
-            return
-        await interaction.response.defer()
-        settings = self.bot.settings.discord
-        reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, rewrite=message)
-        reply.view = buttons(StopButton(asked))
-        with ticket:
-            try:
-                async with self.chat.regenerate(session_id, asked) as turn:
-                    await self.stream(turn, reply, asked)
-                await self.finish(reply, turn, asked)
-            except NotLatestAnswerError as exc:
-                await interaction.followup.send(exc.user_message, ephemeral=True)
-                return
-            except (BotError, discord.HTTPException) as exc:
-                log.info("regenerating in session %s failed: %s", session_id, exc)
-                reply.view = None
-                sentence = exc.user_message if isinstance(exc, BotError) else "Discord refused a message."
-                await self.tell(reply, sentence)
-                return
-        if self.bot.settings.model.temperature == 0:
-            await interaction.followup.send(SAME_ANSWER, ephemeral=True)
 
     async def tell(self, reply: StreamingReply, sentence: str) -> None:
         reply.view = None  # no Stop on an answer that ended

@@ -235,8 +235,8 @@ def test_oldest_exchanges_go_first(llama2: Llama2Format, tokenizer, system: str 
 def test_fast_path_equals_re_encoding(llama2: Llama2Format) -> None:
     # The same format behind a plain PromptFormat takes the generic re-encoding path: both must agree.
     class Plain:
-        def encode(self, system_prompt, history, user_message):
-            return llama2.encode(system_prompt, history, user_message)
+        def encode(self, system_prompt, history, user_message, answer_start=""):
+            return llama2.encode(system_prompt, history, user_message, answer_start)
 
     history = make_history(8)
     full = len(llama2.encode(SYSTEM, history, NEWEST))

@@ -4,8 +4,8 @@ text deltas out. Knows nothing of sessions or Discord; bot/render.py builds the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
@@ -64,6 +64,9 @@ class TokenPrompt:
     """Token IDs ready for the model: the answer is generated right after them."""
 
     ids: tuple[int, ...]
+    # The IDs end inside the answer (its start, for Continue): the new text goes on from their last tokens, so
+    # its first word keeps the space before it.
+    continues_answer: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,15 @@ class MessagePrompt:
 
     messages: tuple[ChatMessage, ...]
 
+    @property
+    def continues_answer(self) -> bool:
+        """A last assistant message is the start of the answer, to be continued (vLLM's continue_final_message)."""
+        return bool(self.messages) and self.messages[-1].role == "assistant"
+
 
 Prompt = TokenPrompt | MessagePrompt
+# How an answer ended: "stop" (the model ended it, or a stop sequence) or "length" (it reached max_new_tokens).
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,9 @@ class GenerationRequest:
     sampling: SamplingParams
     # A hint for reusing a conversation's KV cache later; engines may ignore it.
     session_id: str | None = None
+    # Called once, on the event loop, when the stream ends normally: how the answer ended (Continue is offered
+    # for an answer cut at max_new_tokens).
+    on_finish: Callable[[FinishReason], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -35,30 +35,36 @@ def fit_tokens(
     *,
     context_length: int,
     max_new_tokens: int,
+    answer_start: str = "",
 ) -> BuiltPrompt:
     """Encode the conversation so that prompt + max_new_tokens <= context_length.
 
-    The oldest whole exchanges go first; the system prompt and the newest message always stay.
-    Raises PromptTooLongError when even those two alone do not fit.
+    The oldest whole exchanges go first; the system prompt and the newest message (with `answer_start`, the
+    answer being continued) always stay. Raises PromptTooLongError when even those alone do not fit.
     """
     budget = _budget(context_length, max_new_tokens)
     if isinstance(fmt, Llama2Format):
-        ids, dropped = _fit_llama2(fmt, system_prompt, history, user_message, budget)
+        ids, dropped = _fit_llama2(fmt, system_prompt, history, user_message, budget, answer_start)
     else:
-        ids, dropped = _fit_generic(fmt, system_prompt, history, user_message, budget)
+        ids, dropped = _fit_generic(fmt, system_prompt, history, user_message, budget, answer_start)
     if dropped:
         log.debug("dropped %s of %s exchanges to fit %s prompt tokens", dropped, len(history), budget)
     return BuiltPrompt(token_ids=ids, kept_exchanges=len(history) - dropped, dropped_exchanges=dropped)
 
 
 def _fit_llama2(
-    fmt: Llama2Format, system_prompt: str | None, history: Sequence[Exchange], user_message: str, budget: int
+    fmt: Llama2Format,
+    system_prompt: str | None,
+    history: Sequence[Exchange],
+    user_message: str,
+    budget: int,
+    answer_start: str,
 ) -> tuple[list[int], int]:
     # Meta encodes each exchange on its own, so lengths add up: encode every exchange once, then only
     # re-encode the one that becomes first (it carries the system prompt) for each candidate cut.
     n = len(history)
     plain = [fmt.exchange_ids(exchange) for exchange in history]
-    open_plain = fmt.open_turn_ids(user_message)
+    open_plain = fmt.open_turn_ids(user_message, answer_start=answer_start)
     suffix = [0] * (n + 1)  # suffix[k]: tokens of plain exchanges k..n-1
     for k in range(n - 1, -1, -1):
         suffix[k] = suffix[k + 1] + len(plain[k])
@@ -70,30 +76,35 @@ def _fit_llama2(
         if len(first) + suffix[k + 1] + len(open_plain) <= budget:
             ids = [*first, *(t for ex in plain[k + 1 :] for t in ex), *open_plain]
             return ids, k
-    open_sys = fmt.open_turn_ids(user_message, system_prompt) if system_prompt else open_plain
+    open_sys = fmt.open_turn_ids(user_message, system_prompt, answer_start) if system_prompt else open_plain
     if len(open_sys) > budget:
         raise _too_long(len(open_plain), len(open_sys), budget)
     return open_sys, n
 
 
 def _fit_generic(
-    fmt: PromptFormat, system_prompt: str | None, history: Sequence[Exchange], user_message: str, budget: int
+    fmt: PromptFormat,
+    system_prompt: str | None,
+    history: Sequence[Exchange],
+    user_message: str,
+    budget: int,
+    answer_start: str,
 ) -> tuple[list[int], int]:
     # Templates may join turns in ways that don't add up, so re-encode; the length falls as exchanges
     # are dropped, so binary search for the fewest drops that fit.
     n = len(history)
-    full = fmt.encode(system_prompt, history, user_message)
+    full = fmt.encode(system_prompt, history, user_message, answer_start)
     if len(full) <= budget:
         return full, 0
-    alone = fmt.encode(system_prompt, (), user_message)
+    alone = fmt.encode(system_prompt, (), user_message, answer_start)
     if len(alone) > budget:
-        open_plain = fmt.encode(None, (), user_message)
+        open_plain = fmt.encode(None, (), user_message, answer_start)
         raise _too_long(len(open_plain), len(alone), budget)
     best, best_k = alone, n
     lo, hi = 1, n - 1
     while lo <= hi:
         mid = (lo + hi) // 2
-        ids = fmt.encode(system_prompt, history[mid:], user_message)
+        ids = fmt.encode(system_prompt, history[mid:], user_message, answer_start)
         if len(ids) <= budget:
             best, best_k = ids, mid
             hi = mid - 1
@@ -126,6 +137,7 @@ def fit_chars(
     *,
     context_length: int,
     max_new_tokens: int,
+    answer_start: str = "",
 ) -> int:
     """How many of the oldest exchanges to leave out so that the guessed token count fits the budget."""
     budget = _budget(context_length, max_new_tokens)
@@ -133,7 +145,7 @@ def fit_chars(
     def guess(chars: int) -> int:
         return -(-chars // CHARS_PER_TOKEN_GUESS)
 
-    used = guess(len(system_prompt or "") + len(user_message))
+    used = guess(len(system_prompt or "") + len(user_message) + len(answer_start))
     if used > budget:
         raise PromptTooLongError(guess(len(user_message)), max(0, budget - guess(len(system_prompt or ""))))
     keep = len(history)

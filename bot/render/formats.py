@@ -29,8 +29,11 @@ class Exchange:
 
 
 class PromptFormat(Protocol):
-    def encode(self, system_prompt: str | None, history: Sequence[Exchange], user_message: str) -> list[int]:
-        """Token IDs of the whole prompt, ready for generation of the assistant's answer."""
+    def encode(
+        self, system_prompt: str | None, history: Sequence[Exchange], user_message: str, answer_start: str = ""
+    ) -> list[int]:
+        """Token IDs of the whole prompt, ready for generation of the assistant's answer; with `answer_start`, the
+        prompt ends inside the answer, after that text, for the model to go on with (Continue)."""
         ...
 
 
@@ -49,11 +52,13 @@ class Llama2Format:
         self._bos: int = tokenizer.bos_token_id
         self._eos: int = tokenizer.eos_token_id
 
-    def encode(self, system_prompt: str | None, history: Sequence[Exchange], user_message: str) -> list[int]:
+    def encode(
+        self, system_prompt: str | None, history: Sequence[Exchange], user_message: str, answer_start: str = ""
+    ) -> list[int]:
         ids: list[int] = []
         for i, exchange in enumerate(history):
             ids += self.exchange_ids(exchange, system_prompt if i == 0 else None)
-        ids += self.open_turn_ids(user_message, None if history else system_prompt)
+        ids += self.open_turn_ids(user_message, None if history else system_prompt, answer_start)
         return ids
 
     def exchange_ids(self, exchange: Exchange, system_prompt: str | None = None) -> list[int]:
@@ -62,10 +67,14 @@ class Llama2Format:
         text = f"{B_INST} {user.strip()} {E_INST} {exchange.assistant.strip()} "
         return [self._bos, *self._sp_encode(text), self._eos]
 
-    def open_turn_ids(self, user_message: str, system_prompt: str | None = None) -> list[int]:
-        """The newest user message, left open for the answer."""
+    def open_turn_ids(self, user_message: str, system_prompt: str | None = None, answer_start: str = "") -> list[int]:
+        """The newest user message, left open for the answer; or, with `answer_start`, the exchange as Meta
+        writes it up to the end of that text (no closing space or EOS), for the answer to go on."""
         user = _with_system(system_prompt, user_message)
-        return [self._bos, *self._sp_encode(f"{B_INST} {user.strip()} {E_INST}")]
+        text = f"{B_INST} {user.strip()} {E_INST}"
+        if answer_start.strip():
+            text += f" {answer_start.strip()}"
+        return [self._bos, *self._sp_encode(text)]
 
     def _sp_encode(self, text: str) -> list[int]:
         # Meta calls raw SentencePiece, which never makes control tokens out of text: a user who types
@@ -93,7 +102,9 @@ class ChatTemplateFormat:
             raise ValueError("the tokenizer has no chat_template; use the llama2 prompt format")
         self._tokenizer = tokenizer
 
-    def encode(self, system_prompt: str | None, history: Sequence[Exchange], user_message: str) -> list[int]:
+    def encode(
+        self, system_prompt: str | None, history: Sequence[Exchange], user_message: str, answer_start: str = ""
+    ) -> list[int]:
         messages: list[dict[str, str]] = []
         if system_prompt:
             messages.append({"role": "system", "content": system_prompt})
@@ -101,9 +112,17 @@ class ChatTemplateFormat:
             messages.append({"role": "user", "content": exchange.user})
             messages.append({"role": "assistant", "content": exchange.assistant})
         messages.append({"role": "user", "content": user_message})
+        go_on = bool(answer_start.strip())
+        if go_on:
+            messages.append({"role": "assistant", "content": answer_start.strip()})
         # return_dict=True pins the return type (transformers 5 returns a BatchEncoding by default).
         encoded: Any = self._tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+            messages,
+            add_generation_prompt=not go_on,
+            continue_final_message=go_on,
+            tokenize=True,
+            return_dict=True,
+            sanitize_control_tokens=True,
         )
         ids = encoded["input_ids"] if isinstance(encoded, Mapping) else encoded
         return [int(i) for i in ids]

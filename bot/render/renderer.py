@@ -108,8 +108,12 @@ class Renderer:
         counted = type(self.format).__name__ if self.format else "characters (no tokenizer)"
         return f"{shape}, fitted by {counted}"
 
-    def render(self, session: Session, user_text: str, speaker: Speaker | None = None) -> RenderedPrompt:
-        """The prompt for `user_text` as the next turn of `session`, fitted to the context window.
+    def render(
+        self, session: Session, user_text: str, speaker: Speaker | None = None, *, answer_start: str = ""
+    ) -> RenderedPrompt:
+        """The prompt for `user_text` as the next turn of `session`, fitted to the context window; with
+        `answer_start` (Continue), the prompt ends inside that turn's answer, after that text, for the model to
+        go on with the same answer rather than start a new one.
 
         History keeps what users typed; only the prompt gets their text with LLaMA-2's markers defused. Where more
         than one person has spoken (a channel's shared session), every user turn starts with its speaker's name,
@@ -129,16 +133,17 @@ class Renderer:
             for user, answer in turns
         ]
         budget = {"context_length": self.context_length, "max_new_tokens": self.max_new_tokens}
+        answer_start = answer_start.strip()
         if self.format is None:
-            dropped = fit_chars(system_prompt, history, text, **budget)
-            prompt: Prompt = _messages(system_prompt, history[dropped:], text)
+            dropped = fit_chars(system_prompt, history, text, **budget, answer_start=answer_start)
+            prompt: Prompt = _messages(system_prompt, history[dropped:], text, answer_start)
         else:
-            built = fit_tokens(self.format, system_prompt, history, text, **budget)
+            built = fit_tokens(self.format, system_prompt, history, text, **budget, answer_start=answer_start)
             dropped = built.dropped_exchanges
             if self.as_messages:
-                prompt = _messages(system_prompt, history[dropped:], text)
+                prompt = _messages(system_prompt, history[dropped:], text, answer_start)
             else:
-                prompt = TokenPrompt(tuple(built.token_ids))
+                prompt = TokenPrompt(tuple(built.token_ids), continues_answer=bool(answer_start))
         if dropped:
             log.info(
                 "session %s: %d oldest exchanges left out of the prompt to fit the context window", session.id, dropped
@@ -154,9 +159,11 @@ def speaker_label(author_id: int | None, author_name: str | None) -> str:
     return f"User {author_id}" if author_id is not None else "User"
 
 
-def _messages(system_prompt: str | None, history: Sequence[Exchange], text: str) -> MessagePrompt:
+def _messages(system_prompt: str | None, history: Sequence[Exchange], text: str, answer_start: str) -> MessagePrompt:
     messages = [ChatMessage("system", system_prompt)] if system_prompt else []
     for exchange in history:
         messages += [ChatMessage("user", exchange.user), ChatMessage("assistant", exchange.assistant)]
     messages.append(ChatMessage("user", text))
+    if answer_start:
+        messages.append(ChatMessage("assistant", answer_start))
     return MessagePrompt(tuple(messages))

@@ -87,6 +87,8 @@ class LocalEngine(Engine):
             while True:
                 item = await stream.queue.get()
                 if item is DONE:
+                    if request.on_finish is not None and stream.finish_reason is not None:
+                        request.on_finish(stream.finish_reason)
                     return
                 if isinstance(item, BaseException):
                     raise item

@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING, Final, cast
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from bot.engine.base import GenerationRequest
+    from bot.engine.base import FinishReason, GenerationRequest
 
 DONE: Final = object()
 _INCOMPLETE_CHAR: Final = "\ufffd"
+# Prompt tokens a continued answer's text is decoded after, so its first word keeps its space (vLLM's detokenizer
+# starts from the prompt's last tokens too).
+CONTINUED_CONTEXT_TOKENS: Final = 6
 
 
 class RequestStream:
@@ -31,6 +34,8 @@ class RequestStream:
         # Written by the consumer, read by the worker: a plain bool is enough, the worker only polls it.
         self.cancelled = False
         self.closed = False
+        # Set by the worker before the stream's DONE: "stop" at the end of the answer, "length" at its limit.
+        self.finish_reason: FinishReason | None = None
 
     def push(self, item: object) -> None:
         # A closed loop raises RuntimeError: nobody is listening any more.
@@ -99,7 +104,9 @@ class Row:
         self.failed = False  # its stream got an error; its cache is not kept
         self._eos_ids = eos_ids
         self._outbox = outbox
-        self._text = DeltaText(stream, tokenizer, outbox)
+        prompt = stream.request.prompt
+        context = self.prompt[-CONTINUED_CONTEXT_TOKENS:] if prompt.continues_answer else ()
+        self._text = DeltaText(stream, tokenizer, outbox, context=context)
 
     @property
     def leaving(self) -> bool:
@@ -112,12 +119,12 @@ class Row:
             self.done = True
             return False
         if token in self._eos_ids:
-            self.complete()
+            self.complete("stop")
             return False
         self.generated += 1
         self._text.add(token)
         if self.generated >= self.request.sampling.max_new_tokens:
-            self.complete()
+            self.complete("length")
         else:
             self.next_token = token
         return True
@@ -126,11 +133,12 @@ class Row:
         self.done = self.failed = True
         self.stream.finish(error, outbox=self._outbox)
 
-    def complete(self) -> None:
+    def complete(self, reason: FinishReason) -> None:
         # The stream itself ends in retire(), once the row's cache is stored: a consumer that saw its answer end
         # finds its session's cache in place for the next turn.
         if not self.done:
             self.done = True
+            self.stream.finish_reason = reason
             self._text.flush()
 
 
@@ -142,13 +150,21 @@ class DeltaText:
     spaces right without decoding the whole answer every step.
     """
 
-    def __init__(self, stream: RequestStream, tokenizer: PreTrainedTokenizerBase, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        stream: RequestStream,
+        tokenizer: PreTrainedTokenizerBase,
+        outbox: Outbox,
+        *,
+        context: tuple[int, ...] = (),
+    ) -> None:
+        """`context`: tokens already shown (a continued answer's last ones), decoded before the new ones."""
         self._stream = stream
         self._tokenizer = tokenizer
         self._outbox = outbox
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context)
         self._prefix = 0  # where the decoded window starts
-        self._read = 0  # tokens whose text was sent
+        self._read = len(context)  # tokens whose text was sent
 
     def add(self, token: int) -> None:
         self._ids.append(token)

@@ -193,6 +193,9 @@ class ServerClient:
                 for m in prompt.messages
             ]
             path, fields = "chat/completions", {"messages": messages}
+            if prompt.continues_answer:
+                # vLLM's fields; llama.cpp's server continues a last assistant message without being told.
+                fields |= {"continue_final_message": True, "add_generation_prompt": False}
         elif as_text:
             assert self._tokenizer is not None
             text = await asyncio.to_thread(prompt_text, self._tokenizer, prompt.ids, self._adds_bos)

@@ -184,6 +184,8 @@ class RemoteEngine(Engine):
                 len(answer.reasoning),
             )
             raise ThoughtWithoutAnswerError(f"finish_reason {answer.finish_reason}, no answer after the reasoning")
+        if request.on_finish is not None:
+            request.on_finish("length" if answer.finish_reason == "length" else "stop")
 
     # --- start-up ------------------------------------------------------------------------------------------
 
