@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import platform
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile", default="off", choices=("off", "decode"), help="our engine's [model] compile (off: eager)"
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "int8"),
+        help="our engine's [model] quantization (the baseline stays unquantized: its answers are the reference)",
+    )
     return p.parse_args(argv)
 
 
@@ -88,7 +95,7 @@ class LagMonitor:
 async def run(args: argparse.Namespace) -> None:
     quick = args.quick
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    choice = ModelChoice(args.model, args.llama2_7b_shape, args.dtype, args.device)
+    choice = ModelChoice(args.model, args.llama2_7b_shape, args.dtype, args.device, args.quantization)
     name = choice.name
     settings = ModelSettings(
         name=name,
@@ -98,21 +105,25 @@ async def run(args: argparse.Namespace) -> None:
         max_queue=256,
         kv_cache_budget_mb=4096,
         compile=args.compile,
+        quantization=args.quantization,
     )
     # Loaded on the engine's worker thread, as the bot loads it: no other thread of this process runs torch.
     engine = LocalEngine(settings, loader=lambda: load_model(choice))
     # Started first: its process fetches and converts SmolLM2 on a machine that has not yet.
-    base = await asyncio.to_thread(BaselineProcess, choice)
+    base = await asyncio.to_thread(BaselineProcess, dataclasses.replace(choice, quantization="none"))
     try:
         lag = LagMonitor(lambda: engine.running + engine.waiting > 0)
         runs: list[Results] = []
         started = time.perf_counter()
         chats = 8 if quick else 16
-        async with engine, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
+        # A fresh connection per request: llama-server closes a streamed answer's connection as the client reuses it.
+        connector = aiohttp.TCPConnector(force_close=True)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with engine, aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
             limits = None
             if not args.no_limit and args.device == "cpu":
-                nbytes = weight_bytes(engine.model)
-                limits = await asyncio.to_thread(measure_limits, nbytes, dtype=args.dtype)
+                nbytes, weights = weight_bytes(engine.model)
+                limits = await asyncio.to_thread(measure_limits, nbytes, weights, dtype=args.dtype)
             tokenizer = engine.tokenizer
             assert tokenizer is not None  # set by start()
             fmt = select_format(tokenizer, name, "auto")
@@ -172,7 +183,7 @@ async def run(args: argparse.Namespace) -> None:
         res.add("GPU", torch.cuda.get_device_name(), f"peak {peak:.1f} GiB")
     title = (
         f"{name} on {args.device} ({args.dtype}), {torch.get_num_threads()} threads, {platform.processor() or '?'}, "
-        f"compile {args.compile}, repeat {args.repeat}{', quick' if quick else ''}, "
+        f"compile {args.compile}, quantization {args.quantization}, repeat {args.repeat}{', quick' if quick else ''}, "
         f"{time.perf_counter() - started:.0f} s"
     )
     print_table(res, title)
@@ -183,9 +194,7 @@ def add_limit_rows(res: Results, limits: Limits, chats: int) -> None:
     mb = limits.bytes_per_step / 1e6
     reads = f"{mb:.0f} MB of weights per step / torch.mv's {limits.read_gb_s:.1f} GB/s"
     res.add("limit", f"1 row: {reads} (tok/s)", f"{limits.tokens_per_s(1):.1f}")
-    multiplies = (
-        f"or {2 * limits.bytes_per_step / limits.element_size / 1e9 * chats:.1f} GFLOP / {limits.gflops:.0f} GFLOPS"
-    )
+    multiplies = f"or {2 * limits.weights / 1e9 * chats:.1f} GFLOP / {limits.gflops:.0f} GFLOPS"
     res.add("limit", f"{chats} rows: the same reads, {multiplies} (tok/s)", f"{limits.tokens_per_s(chats):.1f}")
 
 

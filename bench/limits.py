@@ -33,15 +33,15 @@ FLOPS_SIDE = 1024
 
 @dataclass(frozen=True)
 class Limits:
-    bytes_per_step: int  # weights one decode step reads
-    element_size: int  # bytes per weight
+    bytes_per_step: int  # weights one decode step reads (int8 weights and their scales, when quantized)
+    weights: int  # how many weights those bytes hold: each is one multiply-add per row
     read_gb_s: float  # torch.mv over a matrix of those bytes (best of the reps)
     gflops: float  # a square torch.mm (best of the reps)
 
     def step_s(self, rows: int) -> float:
         """The least time a decode step of `rows` rows could take: reading the weights, or multiplying by them."""
         reads = self.bytes_per_step / (self.read_gb_s * 1e9)
-        multiplies = 2 * (self.bytes_per_step / self.element_size) * rows / (self.gflops * 1e9)
+        multiplies = 2 * self.weights * rows / (self.gflops * 1e9)
         return max(reads, multiplies)
 
     def tokens_per_s(self, rows: int) -> float:
@@ -52,24 +52,36 @@ class Limits:
         return f"{100 * tokens_per_s / self.tokens_per_s(rows):.0f}%"
 
 
-def weight_bytes(model: PreTrainedModel) -> int:
-    """Bytes of the weights a decode step reads: every parameter once, but of the input embedding only the rows
-    looked up (nothing, at this scale), unless it is tied to the output layer, which reads all of it."""
-    params = {p.data_ptr(): p for p in model.parameters()}
+def weight_bytes(model: PreTrainedModel) -> tuple[int, int]:
+    """Bytes of the weights a decode step reads, and how many weights they are: every parameter once, but of the
+    input embedding only the rows looked up (nothing, at this scale), unless it is tied to the output layer, which
+    reads all of it. A quantized weight (torchao's tensor subclasses) counts the bytes of its parts."""
+    params = {_parts(p)[0].data_ptr(): p for p in model.parameters()}
     # Typed nn.Module, whose __getattr__ gives Tensor | Module: an embedding's and a linear layer's weight is a Tensor.
     embedding = cast("torch.Tensor", model.get_input_embeddings().weight)
     output = model.get_output_embeddings()
-    tied = output is not None and cast("torch.Tensor", output.weight).data_ptr() == embedding.data_ptr()
+    tied = output is not None and _parts(output.weight)[0].data_ptr() == _parts(embedding)[0].data_ptr()
     if not tied:
-        params.pop(embedding.data_ptr(), None)
-    return sum(p.numel() * p.element_size() for p in params.values())
+        params.pop(_parts(embedding)[0].data_ptr(), None)
+    nbytes = sum(part.numel() * part.element_size() for p in params.values() for part in _parts(p))
+    return nbytes, sum(p.numel() for p in params.values())
 
 
-def measure_limits(nbytes: int, *, dtype: str = "float32", threads: int = 2) -> Limits:
+def _parts(tensor: object) -> list[torch.Tensor]:
+    """The plain tensors holding a parameter's data: itself, or a tensor subclass's inner tensors."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is None:
+        return [cast("torch.Tensor", tensor)]
+    names, _ = flatten()
+    return [part for name in names for part in _parts(getattr(tensor, name))]
+
+
+def measure_limits(nbytes: int, weights: int, *, dtype: str = "float32", threads: int = 2) -> Limits:
     """Run the probe in a spawned process (a fork would copy this process's torch thread state)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(probe, (nbytes, dtype, threads))
+        limits: Limits = pool.apply(probe, (nbytes, dtype, threads))
+    return Limits(limits.bytes_per_step, weights, limits.read_gb_s, limits.gflops)
 
 
 def probe(nbytes: int, dtype: str, threads: int, reps: int = 7) -> Limits:
@@ -86,7 +98,7 @@ def probe(nbytes: int, dtype: str, threads: int, reps: int = 7) -> Limits:
         a = torch.randn(FLOPS_SIDE, FLOPS_SIDE).to(kind)
         b = torch.randn(FLOPS_SIDE, FLOPS_SIDE).to(kind)
         gflops = 2 * FLOPS_SIDE**3 / _best(lambda: torch.mm(a, b), reps) / 1e9
-    return Limits(bytes_per_step=nbytes, element_size=size, read_gb_s=read_gb_s, gflops=gflops)
+    return Limits(bytes_per_step=nbytes, weights=nbytes // size, read_gb_s=read_gb_s, gflops=gflops)
 
 
 def _best(run: Callable[[], object], reps: int) -> float:

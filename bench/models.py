@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot.config import ModelSettings, Quantization
+from bot.engine.local.loading import model_load_kwargs
 from bot.smollm2 import SMOLLM2_FOLDER, ensure_smollm2
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ class ModelChoice:
     llama2_7b_shape: bool
     dtype: str
     device: str
+    quantization: Quantization = "none"  # [model] quantization: "int8" for torchao's int8 weights
 
     @property
     def name(self) -> str:
@@ -46,14 +49,17 @@ class ModelChoice:
 
 
 def load_model(choice: ModelChoice) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if choice.llama2_7b_shape:
         return random_llama2_7b(llama2_tokenizer_dir(), dtype=choice.dtype, device=choice.device)
     folder = choice.folder or ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, choice.dtype), device_map=choice.device)
+    # The bot's own loading arguments, so the benchmark quantizes as the bot does.
+    settings = ModelSettings(
+        name=str(folder), dtype=choice.dtype, device_map=choice.device, quantization=choice.quantization
+    )
+    model = AutoModelForCausalLM.from_pretrained(folder, **model_load_kwargs(settings))
     return model.eval(), tokenizer
 
 

@@ -34,20 +34,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=100, help="tokens of history per row")
     p.add_argument("--steps", type=int, default=30, help="timed steps per path and batch size")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's dtype")
     p.add_argument("--plain", action="store_true", help="inductor's default options (no freezing, no autotuning)")
     p.add_argument(
         "--int8",
         action="store_true",
-        help="int8 weight-only quantization (torchao, installed separately) of both paths",
+        help='int8 weight-only quantization of both paths ([model] quantization = "int8", torchao)',
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    model, _ = load_model(ModelChoice(args.model, False, "float32", "cpu"))
-    if args.int8:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(model, Int8WeightOnlyConfig())
+    model, _ = load_model(ModelChoice(args.model, False, args.dtype, "cpu", "int8" if args.int8 else "none"))
     with torch.inference_mode():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         compiled = CompiledDecode(model, tuned=not args.plain)
@@ -71,7 +68,7 @@ def rss_mib() -> float:
 
 
 def time_rows(model: PreTrainedModel, compiled: CompiledDecode, rows: int, context: int, steps: int) -> None:
-    batch = SlotBatch.for_model(model.config, torch.float32, torch.device("cpu"))
+    batch = SlotBatch.for_model(model.config, model.dtype, torch.device("cpu"))
     batch.reserve(rows, context + 2 * steps + 2)
     batch.add([None] * rows)
     ids = torch.randint(100, 1000, (rows, context))

@@ -26,7 +26,8 @@ DISCORD_API_BASE = "https://discord.com/api/v10"
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 PromptFormatName = Literal["auto", "llama2", "template"]
 Backend = Literal["local", "openai"]
-Quantization = Literal["none", "4bit", "8bit"]
+# "4bit"/"8bit": bitsandbytes (NVIDIA GPUs); "int8": torchao's int8 weight-only (CPU or GPU).
+Quantization = Literal["none", "4bit", "8bit", "int8"]
 # "decode": the local engine runs its decode steps through torch.compile (bot/engine/local/compiled.py).
 CompileMode = Literal["off", "decode"]
 

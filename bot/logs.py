@@ -42,6 +42,9 @@ def configure_logging(level: int) -> None:
         root.addHandler(handler)
         root.setLevel(level)
     warnings.showwarning = _log_warning
+    # torchao ([model] quantization = "int8") warns at import of every CUDA-only kernel library it cannot load on
+    # a machine without one: a screenful of expected failures at each start.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def adopt_library_loggers(*, progress_bars: bool | None = None) -> None:

@@ -1,5 +1,6 @@
-"""How the local model is loaded: dtype, device map, per-device memory and bitsandbytes quantization; then the
-model and tokenizer themselves, and what the engine needs to know of them.
+"""How the local model is loaded: dtype, device map, per-device memory and quantization (bitsandbytes on NVIDIA
+GPUs, torchao's int8 weights anywhere); then the model and tokenizer themselves, and what the engine needs to know
+of them.
 
 `check_loading_supported` runs at start-up, before any weights are read, so an operator who asks for a GPU-only
 feature on a machine without one (or runs an untested transformers) gets a one-line ConfigError naming the key
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GPU_EXTRA_HINT = "pip install 'llama-discord[gpu]'"
+INT8_EXTRA_HINT = "pip install 'llama-discord[int8]'"
+BITSANDBYTES = ("4bit", "8bit")
 # The transformers minor version kv_store.py's cache subclasses are tested with; pyproject.toml pins the same.
 TESTED_TRANSFORMERS = (5, 24)
 
@@ -71,6 +74,14 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = settings
+    if s.quantization == "int8" and (s.compile == "off" or s.dtype == "float32"):
+        # Eagerly, each step widens every int8 matrix back to floats before multiplying: more bytes, not fewer; and
+        # inductor's int8 matmul kernels take 16-bit activations only (with float32 it folds the widened matrices
+        # into float32 constants, so the step reads as much as float32's).
+        log.warning(
+            'int8 weights make decode steps faster only with compile = "decode" and dtype = "bfloat16" (or "float16" '
+            "on a GPU); as set, each step is as slow as unquantized, or slower"
+        )
     if loader is not None:
         model, tokenizer = loader()
     else:
@@ -119,7 +130,9 @@ def model_load_kwargs(settings: ModelSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(settings.dtype), "device_map": settings.device_map}
     if settings.max_memory:
         kwargs["max_memory"] = accelerate_max_memory(settings.max_memory)
-    if settings.quantization != "none":
+    if settings.quantization == "int8":
+        kwargs["quantization_config"] = _torchao_int8_config()
+    elif settings.quantization in BITSANDBYTES:
         kwargs["quantization_config"] = _bitsandbytes_config(settings)
     return kwargs
 
@@ -144,7 +157,10 @@ def check_loading_supported(settings: Settings) -> None:
         raise ConfigError(source, "model.backend", f'"local": {exc} (or use backend = "openai")') from None
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if m.quantization != "none":
+    if m.quantization == "int8" and importlib.util.find_spec("torchao") is None:
+        missing = f'"int8" needs the torchao package, which is not installed ({INT8_EXTRA_HINT})'
+        raise ConfigError(source, "model.quantization", missing)
+    if m.quantization in BITSANDBYTES:
         if gpus == 0:
             raise ConfigError(
                 source,
@@ -180,6 +196,15 @@ def _torch_dtype(name: str) -> torch.dtype | str:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{name!r} is not a torch dtype")
     return dtype
+
+
+def _torchao_int8_config() -> Any:
+    """Every linear layer's weights as int8, one scale per output row (torchao's Int8WeightOnlyConfig): a quarter
+    of float32's bytes per decode step; the activations stay in the model's dtype."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
 
 
 def _bitsandbytes_config(settings: ModelSettings) -> Any:
