@@ -110,7 +110,9 @@ async def run(args: argparse.Namespace) -> None:
     # Loaded on the engine's worker thread, as the bot loads it: no other thread of this process runs torch.
     engine = LocalEngine(settings, loader=lambda: load_model(choice))
     # Started first: its process fetches and converts SmolLM2 on a machine that has not yet.
-    base = await asyncio.to_thread(BaselineProcess, dataclasses.replace(choice, quantization="none"))
+    # Quantized, our answers are held against float32's: the baseline is the reference.
+    reference = dataclasses.replace(choice, quantization="none", dtype=reference_dtype(args))
+    base = await asyncio.to_thread(BaselineProcess, reference)
     try:
         lag = LagMonitor(lambda: engine.running + engine.waiting > 0)
         runs: list[Results] = []
@@ -123,7 +125,7 @@ async def run(args: argparse.Namespace) -> None:
             limits = None
             if not args.no_limit and args.device == "cpu":
                 nbytes, weights = weight_bytes(engine.model)
-                limits = await asyncio.to_thread(measure_limits, nbytes, weights, dtype=args.dtype)
+                limits = await asyncio.to_thread(measure_limits, nbytes, weights, dtype=reference_dtype(args))
             tokenizer = engine.tokenizer
             assert tokenizer is not None  # set by start()
             fmt = select_format(tokenizer, name, "auto")
@@ -187,6 +189,12 @@ async def run(args: argparse.Namespace) -> None:
         f"{time.perf_counter() - started:.0f} s"
     )
     print_table(res, title)
+
+
+def reference_dtype(args: argparse.Namespace) -> str:
+    """The baseline's dtype, and the memory probe's: float32 when our weights are quantized (bfloat16 arithmetic is
+    emulated on CPUs without it, which would make the probe's reads look slow)."""
+    return "float32" if args.quantization != "none" else args.dtype
 
 
 def add_limit_rows(res: Results, limits: Limits, chats: int) -> None:
