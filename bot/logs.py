@@ -42,9 +42,12 @@ def configure_logging(level: int) -> None:
         root.addHandler(handler)
         root.setLevel(level)
     warnings.showwarning = _log_warning
-    # torchao ([model] quantization = "int8") warns at import of every CUDA-only kernel library it cannot load on
-    # a machine without one: a screenful of expected failures at each start.
+    # torchao ([model] quantization = "int8"; transformers imports it whenever it is installed) warns at import of
+    # every CUDA-only kernel library it cannot load on a machine without one, and its import makes torch warn,
+    # through torch's own handler, of a deprecated call of torchao's: expected lines at each start, none the
+    # operator can act on.
     logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def adopt_library_loggers(*, progress_bars: bool | None = None) -> None:
