@@ -76,8 +76,8 @@ def load_model(
     s = settings
     if s.quantization == "int8" and (s.compile == "off" or s.dtype == "float32"):
         # Eagerly, each step widens every int8 matrix back to floats before multiplying: more bytes, not fewer; and
-        # inductor's int8 matmul kernels take 16-bit activations only (with float32 it folds the widened matrices
-        # into float32 constants, so the step reads as much as float32's).
+        # inductor's int8 matmul lowering matches 16-bit activations only (with float32 the compiled step ran as
+        # fast as float32's, its peak memory that of float32 copies of the weights).
         log.warning(
             'int8 weights make decode steps faster only with compile = "decode" and dtype = "bfloat16" (or "float16" '
             "on a GPU); as set, each step is as slow as unquantized, or slower"
