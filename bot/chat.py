@@ -197,8 +197,7 @@ class ChatService:
             except LookupError as exc:
                 raise StorageError(f"session {session_id} cannot be read: {exc}") from exc
             messages = held.session.messages
-            turns = held.session.answered_turns()
-            if not turns or turns[-1][0].discord_message_id != asked_message_id or messages[-1] is not turns[-1][1]:
+            if latest_exchange(held.session, asked_message_id) is None:
                 raise NotLatestAnswerError(f"message {asked_message_id} is not the latest answer of {session_id}")
             asked = len(messages) - 2
             before = dataclasses.replace(held.session, messages=messages[:asked])
@@ -286,6 +285,15 @@ class ChatService:
             status="stopped" if turn.stopped else "ok",
         )
         await turn.end([dataclasses.replace(turn.user_message, status="ok"), answer], title=title)
+
+
+def latest_exchange(session: Session, asked_message_id: int) -> tuple[StoredMessage, StoredMessage] | None:
+    """The question asked in Discord message `asked_message_id` and its answer, when they are the session's last two
+    messages (the only answer Regenerate and Continue act on); None otherwise."""
+    turns = session.answered_turns()
+    if not turns or turns[-1][0].discord_message_id != asked_message_id or session.messages[-1] is not turns[-1][1]:
+        return None
+    return turns[-1]
 
 
 async def _nothing() -> AsyncIterator[str]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import discord
 
+from bot.chat import latest_exchange
 from bot.errors import BotError, NotLatestAnswerError, PromptTooLongError
 from bot.reply_stream import StreamingReply
 from bot.turn import Turn
@@ -63,11 +64,11 @@ class AnswerActions:
         `interaction.message`; True when the new answer was delivered."""
         message = interaction.message
         session = await self.cog.store.get(session_id)
-        turns = session.answered_turns() if session is not None else []
-        if message is None or session is None or not turns or turns[-1][0].discord_message_id != asked:
+        latest = latest_exchange(session, asked) if session is not None else None
+        if message is None or session is None or latest is None:
             await turn_off(interaction, NOT_LATEST.format(what=action))
             return False
-        if interaction.user.id != turns[-1][0].author_id and not interaction.permissions.manage_messages:
+        if interaction.user.id != latest[0].author_id and not interaction.permissions.manage_messages:
             await interaction.response.send_message(ONLY_ASKER.format(what=action), ephemeral=True)
             return False
         try:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 WARM_UP_SLOTS = 37
 
 # Inductor's options for the decode graph. `freezing` takes the weights as constants, which lets `max_autotune` try
-# its C++ GEMM template (weights packed once at compile time, AVX-512 micro-kernels, both cores) against the BLAS
+# its C++ GEMM template (weights packed once at compile time, vectorized micro-kernels, both cores) against the BLAS
 # library's call for each matrix shape and keep the faster: for one row's step on this project's 2-core CPU, the
 # BLAS library's small matrix-vector products ran on one core at about half the memory's speed. `cpp_wrapper` runs
 # the whole step as one C++ call that lets go of the GIL (the default Python wrapper holds it through each kernel,
