@@ -83,6 +83,19 @@ async def test_tuned_compiled_decode_gives_the_eager_answers(
     await check_same_answers(tiny_llama_dir, caplog)
 
 
+@pytest.mark.slow
+async def test_compiled_smollm2_gives_the_eager_answers(
+    smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real model: 30 layers, grouped attention (9 query heads over 3 key and value heads), tied embeddings.
+    Compiled without freezing and autotuning, to keep the suite short; the C++ GEMMs they bring are checked on the
+    tiny model above, and on SmolLM2 by the benchmark ("same answers as baseline"). And with inductor's Python
+    wrapper: its kernels, the same for every layer, compile once, where the C++ wrapper of 30 layers took g++
+    minutes."""
+    monkeypatch.setattr(compiled, "INDUCTOR_OPTIONS", {})
+    await check_same_answers(smollm2_dir, caplog)
+
+
 async def test_a_failed_compilation_falls_back_to_eager(
     tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
