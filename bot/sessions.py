@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
+
+from bot import json_fields as field
 
 log = logging.getLogger(__name__)
 
@@ -42,54 +43,6 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-# --- strict field readers for from_json: junk raises ValueError / TypeError / KeyError --------------------------
-
-
-def _mapping(d: object, what: str) -> Mapping[str, Any]:
-    if not isinstance(d, Mapping):
-        raise TypeError(f"{what} must be a JSON object, not {type(d).__name__}")
-    return d
-
-
-def _opt_id(value: object, name: str) -> int | None:
-    # bool is an int subclass; true/false in a file is junk, not an id.
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer or null")
-    if value < 0:
-        raise ValueError(f"{name} must not be negative")
-    return value
-
-
-def _str(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string")
-    return value
-
-
-def _opt_str(value: object, name: str) -> str | None:
-    return None if value is None else _str(value, name)
-
-
-def _timestamp(value: object, name: str) -> str:
-    text = _str(value, name)
-    try:
-        stamp = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise ValueError(f"{name} is not an ISO 8601 time: {text!r}") from exc
-    if stamp.tzinfo is None:
-        raise ValueError(f"{name} has no time zone: {text!r}")
-    return text
-
-
-def _choice(value: object, name: str, allowed: frozenset[str]) -> str:
-    text = _str(value, name)
-    if text not in allowed:
-        raise ValueError(f"{name} must be one of {sorted(allowed)}, not {text!r}")
-    return text
-
-
 @dataclass(frozen=True)
 class Place:
     """Where a session lives. Which ids are set depends on the kind; the constructor enforces it."""
@@ -101,9 +54,9 @@ class Place:
     user_id: int | None = None  # the DM partner, or the console user
 
     def __post_init__(self) -> None:
-        _choice(self.kind, "place.kind", PLACE_KINDS)
+        field.choice(self.kind, "place.kind", PLACE_KINDS)
         for name in ("guild_id", "channel_id", "thread_id", "user_id"):
-            _opt_id(getattr(self, name), f"place.{name}")
+            field.optional_id(getattr(self, name), f"place.{name}")
         required = {
             "channel": ("guild_id", "channel_id"),
             "thread": ("guild_id", "channel_id", "thread_id"),
@@ -130,13 +83,13 @@ class Place:
 
     @classmethod
     def from_json(cls, d: object) -> Place:
-        m = _mapping(d, "place")
+        m = field.mapping(d, "place")
         return cls(
-            kind=_choice(m["kind"], "place.kind", PLACE_KINDS),  # type: ignore[arg-type]
-            guild_id=_opt_id(m.get("guild_id"), "place.guild_id"),
-            channel_id=_opt_id(m.get("channel_id"), "place.channel_id"),
-            thread_id=_opt_id(m.get("thread_id"), "place.thread_id"),
-            user_id=_opt_id(m.get("user_id"), "place.user_id"),
+            kind=field.choice(m["kind"], "place.kind", PLACE_KINDS),  # type: ignore[arg-type]
+            guild_id=field.optional_id(m.get("guild_id"), "place.guild_id"),
+            channel_id=field.optional_id(m.get("channel_id"), "place.channel_id"),
+            thread_id=field.optional_id(m.get("thread_id"), "place.thread_id"),
+            user_id=field.optional_id(m.get("user_id"), "place.user_id"),
         )
 
 
@@ -156,21 +109,21 @@ class StoredMessage:
     answer_message_id: int | None = None
 
     def __post_init__(self) -> None:
-        _choice(self.role, "message.role", ROLES)
-        _str(self.content, "message.content")
-        _opt_id(self.author_id, "message.author_id")
-        _opt_str(self.author_name, "message.author_name")
-        _timestamp(self.created_at, "message.created_at")
-        _opt_id(self.discord_message_id, "message.discord_message_id")
-        _opt_id(self.answer_message_id, "message.answer_message_id")
-        _choice(self.status, "message.status", MESSAGE_STATUSES)
+        field.choice(self.role, "message.role", ROLES)
+        field.string(self.content, "message.content")
+        field.optional_id(self.author_id, "message.author_id")
+        field.optional_string(self.author_name, "message.author_name")
+        field.timestamp(self.created_at, "message.created_at")
+        field.optional_id(self.discord_message_id, "message.discord_message_id")
+        field.optional_id(self.answer_message_id, "message.answer_message_id")
+        field.choice(self.status, "message.status", MESSAGE_STATUSES)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: object) -> StoredMessage:
-        m = _mapping(d, "message")
+        m = field.mapping(d, "message")
         return cls(
             role=m["role"],
             content=m["content"],
@@ -203,10 +156,10 @@ class SessionSummary:
             raise TypeError("summary.place must be a Place")
         if not isinstance(self.open_turn, bool):
             raise TypeError("summary.open_turn must be true or false")
-        _opt_id(self.owner_id, "summary.owner_id")
-        _str(self.title, "summary.title")
-        _timestamp(self.created_at, "summary.created_at")
-        _timestamp(self.updated_at, "summary.updated_at")
+        field.optional_id(self.owner_id, "summary.owner_id")
+        field.string(self.title, "summary.title")
+        field.timestamp(self.created_at, "summary.created_at")
+        field.timestamp(self.updated_at, "summary.updated_at")
         if isinstance(self.turns, bool) or not isinstance(self.turns, int) or self.turns < 0:
             raise ValueError("summary.turns must be a non-negative integer")
 
@@ -225,9 +178,9 @@ class SessionSummary:
 
     @classmethod
     def from_json(cls, d: object) -> SessionSummary:
-        m = _mapping(d, "summary")
+        m = field.mapping(d, "summary")
         return cls(
-            id=_str(m["id"], "summary.id"),
+            id=field.string(m["id"], "summary.id"),
             place=Place.from_json(m["place"]),
             owner_id=m.get("owner_id"),
             title=m["title"],
@@ -256,11 +209,11 @@ class Session:
             raise ValueError(f"invalid session id {self.id!r}")
         if not isinstance(self.place, Place):
             raise TypeError("session.place must be a Place")
-        _opt_id(self.owner_id, "session.owner_id")
-        _str(self.title, "session.title")
-        _timestamp(self.created_at, "session.created_at")
-        _timestamp(self.updated_at, "session.updated_at")
-        _opt_str(self.system_prompt, "session.system_prompt")
+        field.optional_id(self.owner_id, "session.owner_id")
+        field.string(self.title, "session.title")
+        field.timestamp(self.created_at, "session.created_at")
+        field.timestamp(self.updated_at, "session.updated_at")
+        field.optional_string(self.system_prompt, "session.system_prompt")
         if not isinstance(self.messages, tuple) or not all(isinstance(m, StoredMessage) for m in self.messages):
             raise TypeError("session.messages must be a tuple of StoredMessage")
 
@@ -332,7 +285,7 @@ class Session:
 
     @classmethod
     def from_json(cls, d: object) -> Session:
-        m = _mapping(d, "session")
+        m = field.mapping(d, "session")
         version = m["version"]
         if version != SESSION_FORMAT_VERSION or isinstance(version, bool):
             raise ValueError(f"unsupported session format version {version!r}")
@@ -340,7 +293,7 @@ class Session:
         if not isinstance(raw_messages, list):
             raise TypeError("session.messages must be a list")
         return cls(
-            id=_str(m["id"], "session.id"),
+            id=field.string(m["id"], "session.id"),
             place=Place.from_json(m["place"]),
             owner_id=m.get("owner_id"),
             title=m["title"],

@@ -4,9 +4,9 @@ A decode step runs the whole model for one token per row. Eagerly, every one of 
 a Python call into transformers and a dispatch into torch, and each matrix product a call into the BLAS library,
 which on a small CPU ran the products of a few rows on one core. Compiled (inductor: C++ on the CPU, Triton on a
 GPU), the step is one graph: the elementwise work (norms, rotary embedding, activations, residuals) fused, and the
-matrix products inductor's own C++ GEMM over weights packed at compile time (INDUCTOR_OPTIONS). On the 2-core
-CPU, SmolLM2-135M with 100 slots of history: a one-row step went from 65 to 28 ms, a 16-row step (200 slots) from
-147 to 76 ms (README, Benchmark).
+matrix products run by inductor's own C++ GEMM over weights packed at compile time (INDUCTOR_OPTIONS). On the
+2-core CPU, SmolLM2-135M: a one-row step over 100 slots of history went from 65 to 25 ms, a 16-row step over 200
+slots from 144 to 70 ms (README, Benchmark).
 The costs: minutes of compiling at every start, the weights packed again for each graph (memory), and kernels that
 each split their work between the cores, which slow down much more than the eager step when another process
 takes a core.
@@ -94,16 +94,7 @@ class CompiledDecode:
         try:
             for rows in (1, 2):
                 log.info("compiling the decode step for %s (once, at start-up)", "1 row" if rows == 1 else "2+ rows")
-                try:
-                    self._warm_up(rows)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as exc:
-                    if self._options is not INDUCTOR_OPTIONS:
-                        raise
-                    log.info("compiling it with inductor's own GEMMs only failed (%s); trying with BLAS calls", exc)
-                    self._options = WITH_BLAS
-                    self._warm_up(rows)
+                self._compile_bucket(rows)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
@@ -111,6 +102,18 @@ class CompiledDecode:
             return
         self.compile_s = time.perf_counter() - start
         log.info("decode step compiled in %.0f s", self.compile_s)
+
+    def _compile_bucket(self, rows: int) -> None:
+        try:
+            self._warm_up(rows)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if self._options is not INDUCTOR_OPTIONS:
+                raise
+            log.info("compiling it with inductor's own GEMMs only failed (%s); trying with BLAS calls", exc)
+            self._options = WITH_BLAS
+            self._warm_up(rows)
 
     def _warm_up(self, rows: int) -> None:
         model = self._model
