@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-limit", action="store_true", help="skip measuring the machine's memory read limit")
     p.add_argument(
-        "--compile", default="off", choices=("off", "decode"), help="our engine's [model] compile (off: eager)"
+        "--compile", default="off", choices=("off", "decode", "all"), help="our engine's [model] compile (off: eager)"
     )
     p.add_argument(
         "--quantization",

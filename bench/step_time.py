@@ -1,6 +1,6 @@
 """`python -m bench.step_time`: one decode step's time, eager against compiled (`[model] compile = "decode"`).
 
-Runs the engine's own pieces (SlotBatch, the eager forward over `SlotBatch.select`, CompiledDecode over
+Runs the engine's own pieces (SlotBatch, the eager forward over `SlotBatch.select`, CompiledSteps over
 `SlotBatch.step_cache`) on SmolLM2-135M-Instruct (or --model), for 1 row and for 16, the two paths taking turns step
 by step so that a change in the machine's load hits both alike; prints each path's median step time, the ratio,
 the largest difference of their logits on the same step, and how long compiling took and how many graphs it
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bench.models import ModelChoice, load_model
-from bot.engine.local.compiled import CompiledDecode
+from bot.engine.local.compiled import CompiledSteps
 from bot.engine.local.kv_store import SlotBatch
 from bot.engine.local.loading import use_grouped_attention
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     use_grouped_attention(model)  # as the engine's loading does
     with torch.inference_mode():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-        compiled = CompiledDecode(model, tuned=not args.plain)
+        compiled = CompiledSteps(model, tuned=not args.plain)
         compiled.warm_up()
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         print(
@@ -69,7 +69,7 @@ def rss_mib() -> float:
     return int(line.split()[1]) / 1024
 
 
-def time_rows(model: PreTrainedModel, compiled: CompiledDecode, rows: int, context: int, steps: int) -> None:
+def time_rows(model: PreTrainedModel, compiled: CompiledSteps, rows: int, context: int, steps: int) -> None:
     batch = SlotBatch.for_model(model.config, model.dtype, torch.device("cpu"))
     batch.reserve(rows, context + 2 * steps + 2)
     batch.add([None] * rows)
@@ -98,7 +98,10 @@ def time_rows(model: PreTrainedModel, compiled: CompiledDecode, rows: int, conte
                     logits_to_keep=1,
                 ).logits[:, -1, :]
             else:
-                out = compiled(token, positions, mask, batch, 0, rows)
+                got = compiled.decode(token, positions, mask, batch, 0, rows)
+                if got is None:
+                    raise SystemExit("the compiled step failed (see the log)")
+                out = got
             if step > 0:  # the first step of each size warms caches
                 times[path].append(time.perf_counter() - start)
             logits[path] = out

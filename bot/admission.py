@@ -133,6 +133,10 @@ class Admission:
     def tracked_users(self) -> int:
         return self._rate.tracked_users
 
+    def is_busy(self, user_id: int, session_key: str) -> bool:
+        """Whether the user has a request in flight there (one more would be refused)."""
+        return (user_id, session_key) in self._in_flight
+
     def admit(self, user_id: int, session_key: str) -> AdmissionTicket:
         """A ticket for one request, or UserBusyError / RateLimitedError at once."""
         key = (user_id, session_key)

@@ -28,8 +28,9 @@ PromptFormatName = Literal["auto", "llama2", "template"]
 Backend = Literal["local", "openai"]
 # "4bit"/"8bit": bitsandbytes (NVIDIA GPUs); "int8": torchao's int8 weight-only (CPU or GPU).
 Quantization = Literal["none", "4bit", "8bit", "int8"]
-# "decode": the local engine runs its decode steps through torch.compile (bot/engine/local/compiled.py).
-CompileMode = Literal["off", "decode"]
+# "decode": the local engine runs its decode steps through torch.compile (bot/engine/local/compiled.py); "all":
+# its prefill steps too.
+CompileMode = Literal["off", "decode", "all"]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from bot.core import open_core
 from bot.discord_api import use_api_base
 from bot.metrics import BotMetrics
 from bot.sessions import Place, Session
+from cogs.chat import ChatCog
 from discord_emulator import Channel, DiscordEmulator, Guild, User, fail_on_logged_errors
 
 # Our own loggers too: an ERROR from the bot is a failed test, like one from discord.py.
@@ -194,14 +195,18 @@ class BotProcess:
 
 
 async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 30) -> Session:  # noqa: ASYNC109
-    """The place's current session once `turns` user messages are stored and the last has its outcome."""
+    """The place's current session once `turns` user messages are stored, the last has its outcome and its asker
+    may ask again there (the bot frees a user's slot just after storing the answer)."""
+    cog = bot.get_cog("ChatCog")
 
     async def poll() -> Session:
         while True:
             session = await bot.core.store.current(place)
             if session is not None and session.turns >= turns:
                 last = session.messages[-1]
-                if last.role == "assistant" or last.status not in ("ok", "pending"):
+                asker = next((m.author_id for m in reversed(session.messages) if m.role == "user"), None)
+                busy = isinstance(cog, ChatCog) and asker is not None and cog.admission.is_busy(asker, place.key)
+                if (last.role == "assistant" or last.status not in ("ok", "pending")) and not busy:
                     return session
             await asyncio.sleep(0.02)
 

@@ -56,9 +56,9 @@ def test_grouped_attention_computes_what_copied_keys_and_values_compute(
 async def test_loading_on_the_cpu_turns_grouped_attention_on(
     grouped_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """And a compiled decode step of a grouped model gives the eager answers token for token (untuned, as in
-    test_compiled_decode's quick test)."""
+    """And compiled decode and prefill steps of a grouped model give the eager answers token for token (untuned, as
+    in test_compiled_decode's quick test)."""
     monkeypatch.delenv(SWITCH, raising=False)
     monkeypatch.setattr(compiled, "INDUCTOR_OPTIONS", {"cpp_wrapper": True})
-    await check_same_answers(grouped_llama_dir, caplog)
+    await check_same_answers(grouped_llama_dir, caplog, "all")
     assert os.environ.get(SWITCH) == "1"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bot.engine.base import EngineStats
-from bot.engine.local.compiled import CompiledDecode
+from bot.engine.local.compiled import CompiledSteps
 from bot.engine.local.model_runner import ModelRunner, free_cached_memory
 from bot.engine.local.queue import FairQueue
 from bot.engine.local.session_cache import SessionKVCache
@@ -47,7 +47,7 @@ class EngineCore:
         self._dead: str | None = "engine not started"
         self.sessions = SessionKVCache(settings.kv_cache_budget_mb * 2**20)
         self.loaded: LoadedModel | None = None
-        self._compiled: CompiledDecode | None = None
+        self._compiled: CompiledSteps | None = None
         self._runner: ModelRunner | None = None
         self._served = EngineStats()  # the counts of a runner that has stopped
 
@@ -110,12 +110,12 @@ class EngineCore:
     # --- the worker thread ---------------------------------------------------------------------------------
 
     def load(self) -> LoadedModel:
-        """Load the model (and compile its decode step, if asked); requests are taken from here on. Raises what
+        """Load the model (and compile its steps, if asked); requests are taken from here on. Raises what
         loading raised."""
         try:
             loaded = self._load()
-            if self._settings.compile == "decode":
-                self._compiled = CompiledDecode(loaded.model)
+            if self._settings.compile != "off":
+                self._compiled = CompiledSteps(loaded.model, prefill=self._settings.compile == "all")
                 with torch.inference_mode():
                     self._compiled.warm_up()
         except BaseException as exc:

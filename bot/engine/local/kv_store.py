@@ -116,9 +116,10 @@ class _StepLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.keys is not None and self.values is not None  # set by step_cache before every call
-        last = self.keys.shape[-2] - 1
-        self.keys.narrow(-2, last, 1).copy_(key_states)
-        self.values.narrow(-2, last, 1).copy_(value_states)
+        new = key_states.shape[-2]
+        first = self.keys.shape[-2] - new
+        self.keys.narrow(-2, first, new).copy_(key_states)
+        self.values.narrow(-2, first, new).copy_(value_states)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -175,11 +176,11 @@ class SlotBatch:
         self.lo, self.hi = lo, hi
         return self.cache
 
-    def step_cache(self, lo: int, hi: int) -> Cache:
+    def step_cache(self, lo: int, hi: int, new: int = 1) -> Cache:
         """The cache of a decode step over rows [lo, hi) for a compiled forward call (after step_mask): each layer's
         views end in the slot the step writes. They stay set until the next call, or until a compaction replaces the
         buffers they look at."""
-        span = slice(self.start, self.end + 1)
+        span = slice(self.start, self.end + new)
         for layer, keys, values in zip(self._step_layers, self.keys, self.values, strict=True):
             layer.keys, layer.values = keys[lo:hi, :, span], values[lo:hi, :, span]
         return self._step_cache

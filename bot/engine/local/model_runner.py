@@ -22,7 +22,8 @@ joining group; a decode step splits the running rows over the SlotBatch (SlotBat
 chunks of the size that fitted, trying twice that again after a while, as memory may have been freed meanwhile.
 
 With `[model] compile = "decode"`, a decode step goes through the compiled forward (compiled.py) over the batch's
-step views (SlotBatch.step_cache); the eager forward is the fallback when compiling is off or failed.
+step views (SlotBatch.step_cache); with `"all"`, the joining rows' prefill too (except the one-off prefill of a
+shared head, which runs eagerly); the eager forward is the fallback when compiling is off or failed.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from bot.errors import ModelOutOfMemoryError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from bot.engine.local.compiled import CompiledDecode
+    from bot.engine.local.compiled import CompiledSteps
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class ModelRunner:
         eos_ids: frozenset[int],
         pad_id: int,
         sessions: SessionKVCache,
-        compiled: CompiledDecode | None = None,
+        compiled: CompiledSteps | None = None,
     ) -> None:
-        """`compiled`: the decode step compiled (compiled.py), tried before the eager one."""
+        """`compiled`: the steps compiled (compiled.py), tried before the eager ones."""
         self._model = model
         self._compiled = compiled
         self._tokenizer = tokenizer
@@ -170,11 +171,17 @@ class ModelRunner:
             positions[i, width - len(new) :] = torch.arange(n, n + len(new))
             new_mask[i, width - len(new) :] = 1
         joining = SlotBatch.for_model(self._model.config, self._model.dtype, self._device)
+        # A compiled prefill's graph takes more slots than new tokens (torch guards on the two sizes differing): with
+        # no cached prefix, one empty slot before the new tokens.
+        lead = 1 if max(cached) == 0 and self._compiled is not None and self._compiled.compiles_prefill else 0
         # Room for the decode steps too, so a batch that runs alone does not grow (and copy) while it decodes.
         decode = max(row.request.sampling.max_new_tokens for row in rows)
         # And one spare: a compiled step keeps one (SlotBatch.step_mask).
-        joining.reserve(len(rows), max(cached) + width + (decode + 1 if self._batch is None else 0))
+        joining.reserve(len(rows), lead + max(cached) + width + 1 + (decode if self._batch is None else 0))
         joining.add(prefixes)
+        if lead:
+            joining.prefill_mask(torch.zeros((len(rows), lead), dtype=torch.long, device=self._device))
+            joining.advance(lead)
         mask = joining.prefill_mask(new_mask.to(self._device))
         s = self.stats
         self.stats = dataclasses.replace(
@@ -184,7 +191,11 @@ class ModelRunner:
             prefilled_tokens=s.prefilled_tokens + sum(len(new) for new in news),
             reused_tokens=s.reused_tokens + sum(cached),
         )
-        logits = self._forward(input_ids, positions, mask, joining.cache)
+        logits = None
+        if self._compiled is not None:
+            logits = self._compiled.prefill(input_ids, positions, mask, joining)
+        if logits is None:
+            logits = self._forward(input_ids, positions, mask, joining.cache)
         joining.advance(width)
         if self._batch is None:
             self._batch = joining
@@ -257,7 +268,7 @@ class ModelRunner:
         try:
             logits = None
             if self._compiled is not None:
-                logits = self._compiled(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch, lo, hi)
+                logits = self._compiled.decode(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch, lo, hi)
             if logits is None:
                 logits = self._forward(input_ids[lo:hi], positions[lo:hi], mask[lo:hi], batch.select(lo, hi))
             return [(lo, logits)]
