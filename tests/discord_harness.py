@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bot.admission import Admission
 from bot.client import ChatBot
 from bot.config import Settings, settings_from_mapping
 from bot.core import open_core
 from bot.discord_api import use_api_base
 from bot.metrics import BotMetrics
 from bot.sessions import Place, Session
-from cogs.chat import ChatCog
 from discord_emulator import Channel, DiscordEmulator, Guild, User, fail_on_logged_errors
 
 # Our own loggers too: an ERROR from the bot is a failed test, like one from discord.py.
@@ -197,7 +197,9 @@ class BotProcess:
 async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 30) -> Session:  # noqa: ASYNC109
     """The place's current session once `turns` user messages are stored, the last has its outcome and its asker
     may ask again there (the bot frees a user's slot just after storing the answer)."""
-    cog = bot.get_cog("ChatCog")
+    # Looked up, not isinstance-checked: discord.py loads an extension as a module object of its own, whose ChatCog
+    # is another class than an imported cogs.chat's.
+    admission = getattr(bot.get_cog("ChatCog"), "admission", None)
 
     async def poll() -> Session:
         while True:
@@ -205,7 +207,7 @@ async def finished_session(bot: ChatBot, place: Place, *, turns: int = 1, timeou
             if session is not None and session.turns >= turns:
                 last = session.messages[-1]
                 asker = next((m.author_id for m in reversed(session.messages) if m.role == "user"), None)
-                busy = isinstance(cog, ChatCog) and asker is not None and cog.admission.is_busy(asker, place.key)
+                busy = isinstance(admission, Admission) and asker is not None and admission.is_busy(asker, place.key)
                 if (last.role == "assistant" or last.status not in ("ok", "pending")) and not busy:
                     return session
             await asyncio.sleep(0.02)
