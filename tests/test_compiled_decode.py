@@ -82,8 +82,10 @@ async def test_compiled_steps_give_the_eager_answers(
 async def test_tuned_compiled_decode_gives_the_eager_answers(
     tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As the engine compiles: frozen weights, the C++ GEMM where autotuning picks it."""
-    await check_same_answers(tiny_llama_dir, caplog, "all")
+    """As the engine compiles: frozen weights, the C++ GEMM where autotuning picks it. The decode graphs only: the
+    tuned prefill graphs would add minutes of compiling to the suite (they are checked by the benchmark's "same
+    answers as baseline"; the prefill's wiring by the untuned tests)."""
+    await check_same_answers(tiny_llama_dir, caplog)
 
 
 @pytest.mark.slow
