@@ -145,14 +145,14 @@ class CompiledSteps:
             mask = batch.step_mask(spare=1)
         else:
             mask = batch.prefill_mask(torch.ones((rows, new), dtype=torch.long, device=model.device))
-        self._call(ids, positions, mask, batch, 0, rows, new, mark=True)
+        self._call(ids, positions, mask, batch, 0, rows, mark=True)
 
     def decode(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: SlotBatch, lo: int, hi: int
     ) -> torch.Tensor | None:
         """Logits of rows [lo, hi) (after batch.step_mask(spare=1); `mask` is theirs); None when compiling is off,
         or the compiled step failed just now (the caller runs the eager step instead)."""
-        return self._try(input_ids, positions, mask, batch, lo, hi, 1)
+        return self._try(input_ids, positions, mask, batch, lo, hi)
 
     def prefill(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, batch: SlotBatch
@@ -161,7 +161,7 @@ class CompiledSteps:
         batch.prefill_mask, with a spare slot reserved beyond them; `mask` its result); None as for decode."""
         if not self.compiles_prefill:
             return None
-        return self._try(input_ids, positions, mask, batch, 0, batch.rows, input_ids.shape[1])
+        return self._try(input_ids, positions, mask, batch, 0, batch.rows)
 
     def _try(
         self,
@@ -171,7 +171,6 @@ class CompiledSteps:
         batch: SlotBatch,
         lo: int,
         hi: int,
-        new: int,
     ) -> torch.Tensor | None:
         if not self.enabled:
             return None
@@ -179,12 +178,12 @@ class CompiledSteps:
             # A shape that no bucket's graph takes would compile another graph, minutes during a user's turn: that
             # one call runs eagerly instead.
             with torch.compiler.set_stance("fail_on_recompile"):
-                return self._call(input_ids, positions, mask, batch, lo, hi, new)
+                return self._call(input_ids, positions, mask, batch, lo, hi)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
             if _NOT_COMPILED in str(exc):
-                self._note_uncompiled(f"{hi - lo} rows of {new} new tokens", exc)
+                self._note_uncompiled(f"{hi - lo} rows of {input_ids.shape[1]} new tokens", exc)
                 return None
             self._give_up("a compiled step failed", exc)
             return None
@@ -197,11 +196,11 @@ class CompiledSteps:
         batch: SlotBatch,
         lo: int,
         hi: int,
-        new: int,
         *,
         mark: bool = False,
     ) -> torch.Tensor:
         device = self._model.device
+        new = input_ids.shape[1]
         # The mask contiguous, always: torch specializes a graph on whether an input is (see step_mask's spare).
         input_ids, positions, mask = input_ids.to(device), positions.to(device), mask.contiguous()
         cache = batch.step_cache(lo, hi, new)

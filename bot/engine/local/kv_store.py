@@ -217,6 +217,12 @@ class SlotBatch:
             # Exactly: a prefill knows how far its rows go, and growing by half again would zero slots never used.
             self._compact(max(rows, cap_rows), max(slots, cap_slots))
 
+    def skip(self, slots: int) -> None:
+        """Leave `slots` slots empty in every row, before the tokens written next."""
+        if slots:
+            self.prefill_mask(torch.zeros((self.rows, slots), dtype=torch.long, device=self._device))
+            self.advance(slots)
+
     def advance(self, tokens: int) -> None:
         """The model wrote `tokens` slots at `end` in every layer: move past them."""
         self.end += tokens

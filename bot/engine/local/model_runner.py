@@ -179,9 +179,7 @@ class ModelRunner:
         # And one spare: a compiled step keeps one (SlotBatch.step_mask).
         joining.reserve(len(rows), lead + max(cached) + width + 1 + (decode if self._batch is None else 0))
         joining.add(prefixes)
-        if lead:
-            joining.prefill_mask(torch.zeros((len(rows), lead), dtype=torch.long, device=self._device))
-            joining.advance(lead)
+        joining.skip(lead)
         mask = joining.prefill_mask(new_mask.to(self._device))
         s = self.stats
         self.stats = dataclasses.replace(
