@@ -3,7 +3,7 @@ restarted on the same data folder, round after round.
 
 After each kill: every session file parses and nothing is quarantined when the bot starts again; every turn
 the user saw answered in Discord (the bot's reply shows the final answer) is stored with that answer; no stored
-answer is half-written. `CRASH_ROUNDS` (default 12) and `CRASH_SEED` (default random, printed) set the run.
+answer is half-written. `CRASH_ROUNDS` (default 8) and `CRASH_SEED` (default random, printed) set the run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.crash
 
 SCRIPT = "a b c d e f g h i j k l m n o p"
 ANSWER_TOKENS = 16
-ROUNDS = int(os.environ.get("CRASH_ROUNDS", "12"))
+ROUNDS = int(os.environ.get("CRASH_ROUNDS", "8"))
 
 
 @dataclass
