@@ -128,7 +128,7 @@ class CompiledSteps:
             if self._options is not INDUCTOR_OPTIONS:
                 raise
             # The exception's first line only: the rest is inductor's IR of the failed product, pages of it.
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
             log.info("compiling it with inductor's own GEMMs only failed (%s); trying with BLAS calls", reason)
             self._options = WITH_BLAS
             self._warm_up(rows, new)
