@@ -20,7 +20,7 @@ from bot.config import DiscordSettings, Settings
 from bot.core import Core, build_engine, open_core
 from bot.discord_api import ApiBaseDownError, ApiBaseUnreachableError, use_api_base
 from bot.discord_text import no_pings
-from bot.errors import ConfigError, StartUpError
+from bot.errors import ConfigError, StartUpError, first_line
 from bot.metrics import BotMetrics, prometheus_endpoint
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ async def run_discord_bot(settings: Settings, *, token: str) -> None:
                     await serve_until_stopped(bot, token, stop)
                 except DISCORD_DOWN as exc:
                     # Discord went away while the model loaded (later on, discord.py reconnects by itself).
-                    raise StartUpError(f"lost Discord at {settings.discord.api_base}: {_first_line(exc)}") from None
+                    raise StartUpError(f"lost Discord at {settings.discord.api_base}: {first_line(exc)}") from None
         log.info("stopped: history flushed, gateway closed")
 
 
@@ -234,7 +234,7 @@ async def _retrying(step: Callable[[], Awaitable[None]], d: DiscordSettings, sto
             await step()
             return True
         except DISCORD_DOWN as exc:
-            reason = _first_line(exc)
+            reason = first_line(exc)
             if attempt == d.login_attempts:
                 tries = "once" if attempt == 1 else f"{attempt} times"
                 raise StartUpError(
@@ -268,7 +268,3 @@ def discord_errors_explained(settings: Settings) -> Iterator[None]:
         raise ConfigError(source, "discord.api_base", str(exc)) from None
     except discord.HTTPException as exc:
         raise StartUpError(f"Discord refused to start the bot: HTTP {exc.status} {exc.text}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -11,7 +11,7 @@ from bot.chat import ChatService
 from bot.config import Settings
 from bot.engine import Engine, LocalEngine, RemoteEngine
 from bot.engine.local.source import ModelHubUnreachableError, ModelNotFoundError
-from bot.errors import ConfigError, StartUpError
+from bot.errors import ConfigError, StartUpError, first_line
 from bot.history import HistoryStore
 from bot.personas import PersonaStore
 from bot.render import Renderer
@@ -52,11 +52,10 @@ async def started(engine: Engine, settings: Settings) -> AsyncIterator[Engine]:
     except ModelHubUnreachableError as exc:
         raise StartUpError(str(exc)) from None
     except OSError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             source,
             "model.name",
-            f"cannot load {settings.model.name!r}: {first_line} (a gated model such as LLaMA-2 needs HF_TOKEN "
+            f"cannot load {settings.model.name!r}: {first_line(exc)} (a gated model such as LLaMA-2 needs HF_TOKEN "
             "and its licence accepted on Hugging Face; or set name to a local folder)",
         ) from exc
     try:

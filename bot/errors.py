@@ -120,3 +120,9 @@ class ThoughtWithoutAnswerError(GenerationFailedError):
         "The model spent its whole answer budget thinking and wrote no answer; please try again, or ask an operator "
         "to raise max_new_tokens."
     )
+
+
+def first_line(exc: BaseException) -> str:
+    """The exception's first line, or its type's name when it has no text: for a one-line log or error message
+    (some exceptions carry pages after it, such as inductor's IR of a failed compile)."""
+    return next(iter(str(exc).strip().splitlines()), type(exc).__name__)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bot.engine.local.kv_store import SlotBatch
+from bot.errors import first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -127,9 +128,7 @@ class CompiledSteps:
         except Exception as exc:
             if self._options is not INDUCTOR_OPTIONS:
                 raise
-            # The exception's first line only: the rest is inductor's IR of the failed product, pages of it.
-            reason = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
-            log.info("compiling it with inductor's own GEMMs only failed (%s); trying with BLAS calls", reason)
+            log.info("compiling it with inductor's own GEMMs only failed (%s); trying with BLAS calls", first_line(exc))
             self._options = WITH_BLAS
             self._warm_up(rows, new)
 

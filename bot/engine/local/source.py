@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot.errors import first_line
+
 if TYPE_CHECKING:
     from bot.config import ModelSettings
 
@@ -122,7 +124,7 @@ def _hub_kwargs(settings: ModelSettings, hf_token: str | None) -> dict[str, obje
             "model.name", f"{name} has no config.json (for a GGUF repository, set gguf_file)"
         ) from None
     except Exception as exc:  # the hub client's transport and HTTP errors (httpx) share no public base here
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         if cached:
             log.warning("cannot reach %s (%s); loading %s from the local cache", constants.ENDPOINT, reason, name)
             return {"local_files_only": True}
