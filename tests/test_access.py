@@ -4,7 +4,6 @@ what a refused user gets (nothing, one notice, or an ephemeral sentence), plus s
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from discord_harness import bot_settings, running_chat_bot
+from discord_harness import bot_settings, finished_session, running_chat_bot
 
 from bot.admission import (
     BLOCKED,
@@ -90,15 +89,8 @@ async def mention(world: World, channel: Channel, author: User, text: str) -> di
     return await world.emu.send_message(channel, author, f"{world.emu.bot_user.mention} {text}")
 
 
-async def answered(bot: ChatBot, place: Place, *, turns: int = 1, timeout: float = 120) -> Session:  # noqa: ASYNC109
-    async def poll() -> Session:
-        while True:
-            session = await bot.core.store.current(place)
-            if session is not None and session.turns >= turns and session.messages[-1].role == "assistant":
-                return session
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), timeout)
+async def answered(bot: ChatBot, place: Place, *, turns: int = 1) -> Session:
+    return await finished_session(bot, place, turns=turns, timeout=120)
 
 
 def channel_place(guild: Guild, channel: Channel) -> Place:

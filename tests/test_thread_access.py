@@ -4,10 +4,9 @@ file broke."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from discord_harness import StartBot, World, mention, thread_place
+from discord_harness import StartBot, World, finished_session, mention, thread_place
 
 from bot.client import ChatBot
 from bot.sessions import Session
@@ -39,16 +38,9 @@ def membership_checks(world: World, thread: Channel, user: User) -> int:
 
 
 async def answered(bot: ChatBot, world: World, thread: Channel, *, turns: int = 1) -> Session:
-    """The thread's current session once `turns` user messages are in it and the last one is answered."""
-
-    async def poll() -> Session:
-        while True:
-            session = await bot.core.store.current(thread_place(world, thread))
-            if session is not None and session.turns >= turns and session.messages[-1].role == "assistant":
-                return session
-            await asyncio.sleep(0.02)
-
-    return await asyncio.wait_for(poll(), 120)
+    """The thread's current session once `turns` user messages are in it, the last is answered and its asker may
+    ask again (a mention sent sooner is refused as a second message while the first is being answered)."""
+    return await finished_session(bot, thread_place(world, thread), turns=turns, timeout=120)
 
 
 async def user_messages(bot: ChatBot, world: World, thread: Channel, turns: int) -> list[str]:
