@@ -94,11 +94,15 @@ class AnswerActions:
                     if action == "continue":
                         await reply.feed(CONTINUED)
                     await self.cog.stream(turn, reply, asked)
+                # Freed before the answer shows as final (or an error shows), so whoever sees it may ask again.
+                ticket.release()
                 await self.cog.finish(reply, turn, asked)
             except NotLatestAnswerError:
+                ticket.release()
                 await interaction.followup.send(NOT_LATEST.format(what=action), ephemeral=True)
                 return False
             except (BotError, discord.HTTPException) as exc:
+                ticket.release()
                 log.info("%s in session %s failed: %s", action, session_id, exc)
                 if isinstance(exc, PromptTooLongError) and action == "continue":
                     sentence = NO_ROOM

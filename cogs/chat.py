@@ -244,6 +244,9 @@ class ChatCog(commands.Cog):
             # an answer shown as final is never lost to a crash.
             await self.finish(reply, turn, message.id)
         except BotError as exc:
+            # As with an answer: the slot is free before the user reads why this one failed.
+            if ticket is not None:
+                ticket.release()
             log.info("turn in %s refused or failed: %s", place.key, exc)
             await self.tell(reply, exc.user_message)
         except asyncio.CancelledError:
@@ -251,6 +254,8 @@ class ChatCog(commands.Cog):
                 await self.tell(reply, "I was restarted before I could finish this answer; please ask again.")
             raise
         except discord.HTTPException as exc:
+            if ticket is not None:
+                ticket.release()
             # Discord refused a send or an edit: the turn is marked failed in history by the chat service.
             log.warning("Discord error while answering in %s: %s", place.key, exc)
             await self.tell(reply, "I could not deliver the whole answer because Discord refused a message.")

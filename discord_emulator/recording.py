@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,5 +45,22 @@ class FailureRule:
         if self.times <= 0 or not call.matches(self.method, self.path_pattern):
             return False
         self.times -= 1
+        self.hits.append(call)
+        return True
+
+
+@dataclass
+class HoldRule:
+    """Hold the responses to matching requests (and `when`, if given, approves) until `released` is set."""
+
+    method: str | None
+    path_pattern: str
+    when: Callable[[RecordedCall], bool] | None = None
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    hits: list[RecordedCall] = field(default_factory=list)
+
+    def take(self, call: RecordedCall) -> bool:
+        if not call.matches(self.method, self.path_pattern) or (self.when is not None and not self.when(call)):
+            return False
         self.hits.append(call)
         return True

@@ -26,7 +26,7 @@ from .interactions import (
     interaction_payload,
 )
 from .model import PRIVATE_THREAD, PUBLIC_THREAD, Channel, Guild, Member, Role, User
-from .recording import FailureRule, RecordedCall
+from .recording import FailureRule, HoldRule, RecordedCall
 from .rest import RestApi
 from .rest_interactions import InteractionApi
 from .store import EPHEMERAL, ApiError, Store, snowflake_of
@@ -72,6 +72,7 @@ class DiscordEmulator:
         self._interactions = InteractionApi(self.store, self.gateway, self._rest)
         self._calls: list[RecordedCall] = []
         self._failures: list[FailureRule] = []
+        self._holds: list[HoldRule] = []
         self.internal_errors: list[str] = []
         self.unknown_routes: list[str] = []
         self._changed = asyncio.Event()
@@ -172,6 +173,9 @@ class DiscordEmulator:
             response = error_response(400, 0, f"emulator error: {exc!r}")
         call.status = response.status
         self._notify()
+        for hold in list(self._holds):
+            if hold.take(call):
+                await hold.released.wait()
         return response
 
     def _injected_failure(self, call: RecordedCall) -> web.Response | None:
@@ -367,6 +371,20 @@ class DiscordEmulator:
         rule = FailureRule(method.upper() if method else None, path_pattern, status, times, retry_after, body)
         self._failures.append(rule)
         return rule
+
+    @contextlib.asynccontextmanager
+    async def slow_responses(
+        self, path_pattern: str, *, method: str | None = None, when: Callable[[RecordedCall], bool] | None = None
+    ) -> AsyncIterator[HoldRule]:
+        """Matching requests are carried out at once (their effect shows in the store and to observers) but their
+        responses wait until the block ends: a slow network or a slow Discord, as the client sees it."""
+        rule = HoldRule(method.upper() if method else None, path_pattern, when)
+        self._holds.append(rule)
+        try:
+            yield rule
+        finally:
+            self._holds.remove(rule)
+            rule.released.set()
 
     async def close_gateway(self, code: int = 4000) -> None:
         """Drops every gateway connection; discord.py reconnects and RESUMEs (or re-IDENTIFYs)."""

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from discord_harness import BotProcess, StartBot, World, bot_config, channel_place, finished_session, mention
 
+from bot.admission import UserBusyError
 from bot.attachments import TextFile, with_files
 from bot.render import Exchange, Speaker
 from bot.reply_stream import STREAMING_MARK
@@ -274,6 +275,41 @@ async def test_regenerate_rewrites_the_latest_answer_even_after_a_restart(world:
     # Temperature 0: the same answer again, and the user is told why.
     assert after.messages[1].content == before.messages[1].content == message["content"]
     assert "temperature 0" in handle.followups()[0]["content"]
+
+
+async def test_a_message_sent_as_a_regenerated_answer_shows_final_is_a_turn(world: World, start_bot: StartBot) -> None:
+    """The asker's slot is freed before the new answer shows as final, so what they send on seeing it is answered,
+    not refused as a second message while the first is being answered: even while Discord is slow to confirm
+    that final edit (its response is held here until alice's next message is being answered)."""
+    emu = world.emu
+    async with start_bot(model={"temperature": 1.0}) as bot:
+        asked = await mention(world, world.general, world.alice, "one")
+        first = await answered(world, bot, world.general, asked, 1)
+        session = await finished_session(bot, channel_place(world, world.general))
+        regenerate_id = f"answer:regenerate:{session.id}:{asked['id']}"
+        edits = rf"/channels/{world.general.id}/messages/{first['id']}"
+        # While it streams the answer has Stop; its final edit brings Regenerate back.
+        final_edit = emu.slow_responses(edits, method="PATCH", when=lambda call: regenerate_id in json.dumps(call.json))
+        typing = rf"/channels/{world.general.id}/typing"
+        async with final_edit as held:
+            await emu.click_button(first, world.alice, regenerate_id)
+            await emu.wait_for(lambda: held.hits, 60, "the regenerated answer's final edit")
+            typed = len(emu.calls("POST", typing))
+            later = await mention(world, world.general, world.alice, "two")
+            # The bot types when a turn begins, never for a refusal. (Its answer's edits wait behind the held one:
+            # discord.py sends one request at a time per route and channel until Discord tells it the limits.)
+            await emu.wait_for(lambda: len(emu.calls("POST", typing)) > typed, 60, "the bot to begin answering")
+        reply = await emu.wait_for_message(
+            world.general,
+            check=lambda m: (
+                (m.get("message_reference") or {}).get("message_id") == later["id"]
+                and not m["content"].endswith(STREAMING_MARK)
+            ),
+            timeout=60,
+        )
+        session = await finished_session(bot, channel_place(world, world.general), turns=2)
+    assert reply["content"] != UserBusyError.user_message
+    assert [m.content for m in session.messages if m.role == "user"] == ["one", "two"]
 
 
 async def test_regenerate_on_an_older_answer_turns_itself_off(world: World, start_bot: StartBot) -> None:

@@ -320,6 +320,22 @@ async def test_injected_rate_limit_is_retried(world: World, bot: ProbeBot) -> No
     assert [c.status for c in emu.calls("POST", rf"/channels/{world.general.id}/messages")] == [429, 200]
 
 
+async def test_a_slow_response_is_carried_out_at_once_and_answered_when_the_hold_ends(
+    world: World, bot: ProbeBot
+) -> None:
+    emu = world.emu
+    messages = rf"/channels/{world.general.id}/messages"
+    async with emu.slow_responses(messages, method="POST") as held:
+        await emu.send_message(world.general, world.alice, "please edit me")
+        await emu.wait_for(lambda: held.hits, what="the held send")
+        # The draft is in the channel, but the bot's send() has not returned, so it cannot edit it yet.
+        shown = [m["content"] for m in emu.bot_messages_in(world.general)]
+        edits_while_held = emu.calls("PATCH", messages + r"/\d+")
+    await emu.wait_for_call("PATCH", messages + r"/\d+")
+    assert shown == ["draft"] and edits_while_held == []
+    assert [m["content"] for m in emu.bot_messages_in(world.general)] == ["final"]
+
+
 async def test_two_shards_split_guilds() -> None:
     async with running_emulator(shard_count=2) as emu:
         guilds = [emu.add_guild(f"guild {i}") for i in range(4)]
