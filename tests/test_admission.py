@@ -181,7 +181,7 @@ async def test_a_second_message_while_the_first_is_answered_is_refused_at_once(
         thread = await new_thread(world, world.alice, "patience")
         place = thread_place(world, thread)
         first = await emu.send_message(thread, world.alice, "tell me a very long story")
-        await emu.wait_for_message(thread, after=first)  # the answer is streaming
+        await emu.wait_for_message(thread, after=first, timeout=60)  # the answer is streaming
         second = await emu.send_message(thread, world.alice, "and another thing")
         await emu.wait_for(lambda: replies_to(world, thread, second), what="the refusal")
         (refusal,) = replies_to(world, thread, second)
@@ -204,9 +204,9 @@ async def test_another_user_in_the_same_thread_is_not_refused(
     async with start_bot(model_dir=long_model_dir, model={"max_new_tokens": 150}) as bot:
         thread = await new_thread(world, world.alice, "shared")
         first = await emu.send_message(thread, world.alice, "first question")
-        await emu.wait_for_message(thread, after=first)
+        await emu.wait_for_message(thread, after=first, timeout=60)
         await emu.send_message(thread, world.bob, "my question too")
-        session = await finished_session(bot, thread_place(world, thread), turns=2)
+        session = await finished_session(bot, thread_place(world, thread), turns=2, timeout=120)
     assert [(m.role, m.status) for m in session.messages] == [("user", "ok"), ("assistant", "ok")] * 2
     assert all(UserBusyError.user_message not in m["content"] for m in emu.bot_messages_in(thread))
 
@@ -236,7 +236,7 @@ async def test_archiving_the_thread_cancels_its_answer_quietly(
     async with start_bot(model_dir=long_model_dir, model={"max_new_tokens": 3000}) as bot:
         thread = await new_thread(world, world.alice, "to be archived")
         asked = await emu.send_message(thread, world.alice, "write forever")
-        await emu.wait_for_message(thread, after=asked)
+        await emu.wait_for_message(thread, after=asked, timeout=60)
         await emu.archive_thread(thread)
         session = await finished_session(bot, thread_place(world, thread))
         await emu.wait_for(lambda: bot.core.engine.running == 0, what="the request to leave the engine")

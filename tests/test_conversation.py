@@ -232,7 +232,9 @@ async def test_stop_keeps_the_partial_answer_marked_stopped(
     async with start_bot(model_dir=code_model_dir, model={"max_new_tokens": 3000}) as bot:
         asked = await mention(world, world.general, world.alice, "write forever")
         stop_id = f"answer:stop:{asked['id']}"
-        reply = await emu.wait_for_message(world.general, after=asked, check=lambda m: stop_id in button_ids(m))
+        reply = await emu.wait_for_message(
+            world.general, after=asked, check=lambda m: stop_id in button_ids(m), timeout=60
+        )
         refused = await emu.click_button(reply, world.bob, stop_id)
         await emu.wait_for_response(refused)
         stopped = await emu.click_button(reply, world.alice, stop_id)

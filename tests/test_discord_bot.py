@@ -145,7 +145,7 @@ async def test_deleting_the_question_cancels_its_answer(
     emu = world.emu
     async with start_bot(model_dir=code_model_dir, model={"max_new_tokens": 3000}) as bot:
         asked = await mention(world, world.general, world.alice, "write forever")
-        await emu.wait_for_message(world.general, after=asked)
+        await emu.wait_for_message(world.general, after=asked, timeout=60)
         await emu.delete_message(asked)
         session = await finished_session(bot, channel_place(world, world.general))
         assert [(m.role, m.status) for m in session.messages] == [("user", "cancelled")]
@@ -159,12 +159,12 @@ async def test_a_queue_note_is_replaced_by_the_answer(world: World, start_bot: S
     async with start_bot(model_dir=code_model_dir, model={"max_new_tokens": 400, "max_batch_size": 1}) as bot:
         engine = bot.core.engine
         await mention(world, world.general, world.alice, "first")
-        await emu.wait_for(lambda: engine.running >= 1, what="the first request to run")
+        await emu.wait_for(lambda: engine.running >= 1, 60, "the first request to run")
         await mention(world, world.random, world.bob, "second")
         await emu.wait_for(lambda: engine.waiting >= 1, what="the second request to wait")
         asked = await mention(world, third, world.alice, "third")
         note = await emu.wait_for_message(third, after=asked)
-        session = await finished_session(bot, channel_place(world, third), timeout=60)
+        session = await finished_session(bot, channel_place(world, third), timeout=180)
     first_post = emu.calls("POST", rf"/channels/{third.id}/messages")[0]
     assert first_post.json["content"] == "*queued: 1 ahead*"
     assert first_post.json["message_reference"]["message_id"] == int(asked["id"])
@@ -178,7 +178,7 @@ async def test_stopping_the_bot_mid_answer_tells_the_user_and_marks_the_turn(
     settings = {"model": {"max_new_tokens": 3000}, "discord": {"shutdown_grace": 0.2}}
     async with start_bot(model_dir=code_model_dir, **settings):
         asked = await mention(world, world.general, world.alice, "write forever")
-        await emu.wait_for_message(world.general, after=asked)
+        await emu.wait_for_message(world.general, after=asked, timeout=60)
     (reply,) = emu.bot_messages_in(world.general)
     assert "restarted before I could finish" in reply["content"]
     async with HistoryStore(world.data_dir) as store:
