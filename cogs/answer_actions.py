@@ -76,33 +76,32 @@ class AnswerActions:
         except BotError as exc:
             await interaction.response.send_message(exc.user_message, ephemeral=True)
             return False
-        settings = self.cog.bot.settings.discord
-        turn_cm: AbstractAsyncContextManager[Turn]
-        if action == "regenerate":
-            await interaction.response.defer()
-            reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, rewrite=message)
-            turn_cm = self.cog.chat.regenerate(session_id, asked)
-        else:
-            # The buttons move to the new part; this message keeps the answer's first part as it was.
-            await interaction.response.edit_message(view=None)
-            reply = StreamingReply(message, edit_interval=settings.stream_edit_interval)
-            turn_cm = self.cog.chat.continue_answer(session_id, asked)
-        reply.view = buttons(StopButton(asked))
+        # Held until the turn ends; the outer block frees it too when Discord refuses the acknowledgement.
         with ticket:
+            settings = self.cog.bot.settings.discord
+            turn_cm: AbstractAsyncContextManager[Turn]
+            if action == "regenerate":
+                await interaction.response.defer()
+                reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, rewrite=message)
+                turn_cm = self.cog.chat.regenerate(session_id, asked)
+            else:
+                # The buttons move to the new part; this message keeps the answer's first part as it was.
+                await interaction.response.edit_message(view=None)
+                reply = StreamingReply(message, edit_interval=settings.stream_edit_interval)
+                turn_cm = self.cog.chat.continue_answer(session_id, asked)
+            reply.view = buttons(StopButton(asked))
             try:
-                async with turn_cm as turn:
-                    if action == "continue":
-                        await reply.feed(CONTINUED)
-                    await self.cog.stream(turn, reply, asked)
-                # Freed before the answer shows as final (or an error shows), so whoever sees it may ask again.
-                ticket.release()
+                # Freed as the turn ends, before the answer shows as final or an error shows (as in ChatCog.answer).
+                with ticket:
+                    async with turn_cm as turn:
+                        if action == "continue":
+                            await reply.feed(CONTINUED)
+                        await self.cog.stream(turn, reply, asked)
                 await self.cog.finish(reply, turn, asked)
             except NotLatestAnswerError:
-                ticket.release()
                 await interaction.followup.send(NOT_LATEST.format(what=action), ephemeral=True)
                 return False
             except (BotError, discord.HTTPException) as exc:
-                ticket.release()
                 log.info("%s in session %s failed: %s", action, session_id, exc)
                 if isinstance(exc, PromptTooLongError) and action == "continue":
                     sentence = NO_ROOM
@@ -118,4 +117,4 @@ class AnswerActions:
                 else:
                     await self.cog.tell(reply, sentence)
                 return False
-        return True
+            return True

@@ -204,7 +204,7 @@ class ChatCog(commands.Cog):
         message: discord.Message,
         place: Place,
         text: str,
-        ticket: AdmissionTicket | None = None,
+        ticket: AdmissionTicket,
         *,
         files: tuple[TextFile, ...] = (),
         notes: Sequence[str] = (),
@@ -230,23 +230,21 @@ class ChatCog(commands.Cog):
         try:
             if notes:
                 await message.channel.send(" ".join(notes), reference=message, allowed_mentions=no_pings())
-            # The turn first: it queues for the session's lock in message order (typing() awaits Discord, whose
-            # replies come back in any order).
-            async with self.chat.turn(request, session_id=session_id) as turn, message.channel.typing():
-                if turn.history_lost:
-                    await message.channel.send(HISTORY_LOST, allowed_mentions=no_pings())
-                if turn.queued_ahead:
-                    await reply.note(f"*queued: {turn.queued_ahead} ahead*")
-                await self.stream(turn, reply, message.id)
-            if ticket is not None:
-                ticket.release()
+            # The user's slot is freed as the turn ends, however it ends: before the answer shows as final or an
+            # error is told, so what they send on reading it is a turn, not "still answering".
+            with ticket:
+                # The turn first: it queues for the session's lock in message order (typing() awaits Discord,
+                # whose replies come back in any order).
+                async with self.chat.turn(request, session_id=session_id) as turn, message.channel.typing():
+                    if turn.history_lost:
+                        await message.channel.send(HISTORY_LOST, allowed_mentions=no_pings())
+                    if turn.queued_ahead:
+                        await reply.note(f"*queued: {turn.queued_ahead} ahead*")
+                    await self.stream(turn, reply, message.id)
             # Only now, with the exchange in history, does the user see the answer without the streaming mark:
             # an answer shown as final is never lost to a crash.
             await self.finish(reply, turn, message.id)
         except BotError as exc:
-            # As with an answer: the slot is free before the user reads why this one failed.
-            if ticket is not None:
-                ticket.release()
             log.info("turn in %s refused or failed: %s", place.key, exc)
             await self.tell(reply, exc.user_message)
         except asyncio.CancelledError:
@@ -254,8 +252,6 @@ class ChatCog(commands.Cog):
                 await self.tell(reply, "I was restarted before I could finish this answer; please ask again.")
             raise
         except discord.HTTPException as exc:
-            if ticket is not None:
-                ticket.release()
             # Discord refused a send or an edit: the turn is marked failed in history by the chat service.
             log.warning("Discord error while answering in %s: %s", place.key, exc)
             await self.tell(reply, "I could not deliver the whole answer because Discord refused a message.")
