@@ -76,19 +76,24 @@ class AnswerActions:
         except BotError as exc:
             await interaction.response.send_message(exc.user_message, ephemeral=True)
             return False
-        # Held until the turn ends; the outer block frees it too when Discord refuses the acknowledgement.
+        # Held until the turn ends (the inner block); the outer one frees it on any other way out.
         with ticket:
             settings = self.cog.bot.settings.discord
             turn_cm: AbstractAsyncContextManager[Turn]
-            if action == "regenerate":
-                await interaction.response.defer()
-                reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, rewrite=message)
-                turn_cm = self.cog.chat.regenerate(session_id, asked)
-            else:
-                # The buttons move to the new part; this message keeps the answer's first part as it was.
-                await interaction.response.edit_message(view=None)
-                reply = StreamingReply(message, edit_interval=settings.stream_edit_interval)
-                turn_cm = self.cog.chat.continue_answer(session_id, asked)
+            try:
+                if action == "regenerate":
+                    await interaction.response.defer()
+                    reply = StreamingReply(message, edit_interval=settings.stream_edit_interval, rewrite=message)
+                    turn_cm = self.cog.chat.regenerate(session_id, asked)
+                else:
+                    # The buttons move to the new part; this message keeps the answer's first part as it was.
+                    await interaction.response.edit_message(view=None)
+                    reply = StreamingReply(message, edit_interval=settings.stream_edit_interval)
+                    turn_cm = self.cog.chat.continue_answer(session_id, asked)
+            except discord.HTTPException as exc:
+                # Nothing was started, and Discord shows the user that the click failed.
+                log.warning("Discord refused the %s button's acknowledgement: %s", action, exc)
+                return False
             reply.view = buttons(StopButton(asked))
             try:
                 # Freed as the turn ends, before the answer shows as final or an error shows (as in ChatCog.answer).

@@ -314,6 +314,27 @@ async def test_a_message_sent_as_a_regenerated_answer_shows_final_is_a_turn(worl
     assert [m.content for m in session.messages if m.role == "user"] == ["one", "two"]
 
 
+async def test_a_regenerate_click_discord_refuses_frees_the_slot_without_a_traceback(
+    world: World, start_bot: StartBot
+) -> None:
+    """Discord refuses the click's acknowledgement: nothing starts, one warning (an ERROR would fail the test),
+    and alice may go on talking there."""
+    emu = world.emu
+    async with start_bot() as bot:
+        asked = await mention(world, world.general, world.alice, "one")
+        first = await answered(world, bot, world.general, asked, 1)
+        session = await finished_session(bot, channel_place(world, world.general))
+        refused = emu.fail_next(r"/interactions/\d+/[^/]+/callback", method="POST", status=400)
+        await emu.click_button(first, world.alice, f"answer:regenerate:{session.id}:{asked['id']}")
+        await emu.wait_for(lambda: refused.hits, 60, "the refused acknowledgement")
+        # The slot was taken before the acknowledgement: this waits until it is free again.
+        unchanged = await finished_session(bot, channel_place(world, world.general))
+        later = await mention(world, world.general, world.alice, "two")
+        reply = await answered(world, bot, world.general, later, 2)
+    assert unchanged.messages == session.messages
+    assert reply["content"] != UserBusyError.user_message
+
+
 async def test_regenerate_on_an_older_answer_turns_itself_off(world: World, start_bot: StartBot) -> None:
     emu = world.emu
     async with start_bot(model={"temperature": 1.0}) as bot:
